@@ -1,0 +1,33 @@
+"""Shared argument handling: ``--config PRESET`` plus ``key.sub=value`` overrides."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import Config, ConfigError, check_paths, load_config
+
+DEFAULT_CONFIG = "configs/tiny.yaml"
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML preset (default: {DEFAULT_CONFIG})")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-5")
+
+
+def prepared_config(args: argparse.Namespace) -> Config:
+    """Load + validate the config, create the tiny world if the preset asks for it, check paths.
+
+    Errors are printed as one line naming the field and the process exits with status 2, before
+    any model or cluster work starts.
+    """
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if cfg.tiny.enabled:
+            from pipeline.tiny import make_tiny_world
+
+            make_tiny_world(cfg.tiny.dir, seed=cfg.tiny.seed)
+        check_paths(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    return cfg

@@ -1,0 +1,390 @@
+"""One typed config tree for srpo-ray.
+
+YAML presets live in ``configs/``; ``key.sub=value`` overrides come from the command line.
+Loading validates everything it can before any model or cluster work starts: unknown keys,
+wrong types and impossible values raise :class:`ConfigError` naming the dotted field and what is
+allowed. Paths are checked separately by :func:`check_paths` because the tiny preset creates its
+model folder on first use (see :mod:`pipeline.tiny`).
+
+There is no second source of truth: every default below is the reference recipe of
+SRPO_SPEC.md section 5 (FLUX.1-dev + HPSv2.1) unless the field says otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+# --------------------------------------------------------------------------------------------
+# The tree. Field names follow the reference code's flags where one exists.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["flux"] = "flux"
+    # A local diffusers folder with the FLUX.1-dev layout (model_index.json, transformer/, vae/,
+    # text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/).
+    path: str = ""
+    max_sequence_length: int = 512  # T5 tokens; 512 for FLUX.1-dev
+    # Weights are kept in fp32 (master copy); compute may autocast to bf16 (train.mixed_precision).
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    prompts: str = ""  # text file (one prompt per line) or parquet with a `caption` column
+    heldout_prompts: str = ""  # optional, for evaluation of the learning signal
+    resolution: int = 720  # square images; must be divisible by 16 (VAE /8, then 2x2 patches)
+
+
+@dataclass
+class RolloutConfig:
+    mode: Literal["online"] = "online"  # "offline" (real images) arrives with the offline issue
+    steps: int = 25  # S, Euler steps from sigma=1 to 0
+    guidance: float = 1.0  # distilled guidance fed to FLUX during rollout (HPS 1.0, PickScore 2.0)
+    shift: float = 3.0  # s of shift(t) = s t / (1 + (s - 1) t)
+    # The reference draws one noise per step and broadcasts it to all ranks.
+    share_noise_across_ranks: bool = True
+
+
+@dataclass
+class SRPOConfig:
+    # Training grid: g = linspace(b[A], b[B], N), b_j = shift(1 - j / base_steps).
+    base_steps: int = 50
+    train_timestep: list[int] = field(default_factory=lambda: [5, 25])  # [A, B]
+    timestep_length: int = 1000  # N
+    groundtruth_ratio: float = 0.9  # K = int((1 - ratio) * N) + 1
+    m_margin: int = 5  # m ~ U{margin, ..., N - margin}
+    train_guidance: float = 3.5  # guidance fed to FLUX in the Direct-Align branches
+    d_pos: list[float] = field(default_factory=lambda: [0.1, 0.25])  # k for the denoise branch
+    d_inv: list[float] = field(default_factory=lambda: [0.3, 0.01])  # k for the inversion branch
+    hinge_margin: float = 0.7  # loss = relu(margin - R) / num_branches
+    # reference: denoise + inversion branches (the default, as released by the authors)
+    # denoise_only: the denoise branch alone (the paper's sanity check: reward hacking appears)
+    # relative_discount: the authors' later recipe: reward (r_pos - r_neg) * shift(linspace(0,1,N+1))[m],
+    #                    loss -reward, denoise branch only
+    variant: Literal["reference", "denoise_only", "relative_discount"] = "reference"
+    # Reward aggregation (paper option): several noise levels m per x0, weighted lambda_j ∝ discount^j,
+    # j = 0 for the noisiest draw. 1 injection = the reference.
+    num_injections: int = 1
+    injection_discount: float = 1.0
+    srp_form: Literal["reference", "cfg", "plain"] = "reference"
+    positive_words: list[str] = field(
+        default_factory=lambda: ["Natural-lighting", "Detail", "Detailed", "Real"]
+    )
+    negative_words: list[str] = field(
+        default_factory=lambda: ["Concept art", "Painting", "Anime", "Flat", "Oil"]
+    )
+
+
+@dataclass
+class RewardConfig:
+    kind: Literal["hpsv2", "pickscore", "clip"] = "hpsv2"
+    # hpsv2: the HPS_v2.1_compressed.pt file; pickscore/clip: a transformers CLIPModel folder.
+    path: str = ""
+    # hpsv2 only: an open_clip model name or a path to an open_clip model-config JSON.
+    arch: str = "ViT-H-14"
+    # pickscore: the CLIP-ViT-H-14 processor folder whose tokenizer PickScore uses (default: path).
+    tokenizer_path: str = ""
+    placement: Literal["colocated"] = "colocated"  # "remote" arrives with the Ray pipeline
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 20  # the authors' best result; longer training drifts
+    batch_size: int = 1  # prompts per device per optimizer step
+    mixed_precision: Literal["no", "bf16"] = "bf16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = 0  # 0 = only at the end
+
+
+@dataclass
+class LogConfig:
+    tracking_uri: str = ""  # "" = sqlite:///<output.dir>/mlflow.db (embedded, nothing to start)
+    experiment: str = "srpo"
+    run_name: str = ""
+    every: int = 1
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/srpo"
+
+
+@dataclass
+class TinyConfig:
+    # When enabled, the tiny world (random tiny FLUX + reward models of the real classes) is
+    # written to `dir` on first use; the model/reward paths of the preset point into it.
+    enabled: bool = False
+    dir: str = ".cache/srpo-tiny"
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    srpo: SRPOConfig = field(default_factory=SRPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values (for MLflow params)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, d: dict[str, Any]) -> None:
+            for k, v in d.items():
+                key = f"{prefix}{k}"
+                if isinstance(v, dict):
+                    walk(key + ".", v)
+                else:
+                    out[key] = v
+
+        walk("", self.to_dict())
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Building from plain data, with type checks that name the field.
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: got {value!r}, expected one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: got {value!r}, expected {_type_name(tp)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: got {value!r}, expected {_type_name(tp)}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: got {value!r}, expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: got {value!r}, expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: got {value!r}, expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: got {value!r}, expected a string")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]!s}; valid keys here: {sorted(names)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        where = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], where)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b.c=value`` -> ``{"a": {"b": {"c": value}}}``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    node: Any = value
+    for part in reversed(key.split(".")):
+        node = {part: node}
+    return node
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML preset (or the built-in defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
+        data = loaded
+    for o in overrides:
+        data = _deep_merge(data, parse_override(o))
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def _require(cond: bool, field_name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    s = cfg.srpo
+    _require(cfg.data.resolution > 0 and cfg.data.resolution % 16 == 0, "data.resolution",
+             f"got {cfg.data.resolution}, expected a positive multiple of 16 (VAE /8 then 2x2 patches)")
+    _require(cfg.model.max_sequence_length > 0, "model.max_sequence_length",
+             f"got {cfg.model.max_sequence_length}, expected > 0 (512 for FLUX.1-dev)")
+    _require(cfg.rollout.steps >= 1, "rollout.steps", f"got {cfg.rollout.steps}, expected >= 1")
+    _require(cfg.rollout.shift > 0, "rollout.shift", f"got {cfg.rollout.shift}, expected > 0")
+    _require(s.base_steps >= 2, "srpo.base_steps", f"got {s.base_steps}, expected >= 2")
+    _require(len(s.train_timestep) == 2, "srpo.train_timestep",
+             f"got {s.train_timestep}, expected two indices [A, B]")
+    a, b = s.train_timestep
+    # A = 0 would put sigma = 1 (pure noise) in the grid, where the recovery divides by 1 - sigma = 0;
+    # B = base_steps is sigma = 0, where there is nothing to recover.
+    _require(0 < a < b < s.base_steps, "srpo.train_timestep",
+             f"got {s.train_timestep}, expected 0 < A < B < srpo.base_steps ({s.base_steps})")
+    _require(s.timestep_length >= 2 * s.m_margin + 1 and s.timestep_length >= 3, "srpo.timestep_length",
+             f"got {s.timestep_length}, expected >= 2 * srpo.m_margin + 1")
+    _require(s.m_margin >= 1, "srpo.m_margin", f"got {s.m_margin}, expected >= 1")
+    _require(0.0 < s.groundtruth_ratio < 1.0, "srpo.groundtruth_ratio",
+             f"got {s.groundtruth_ratio}, expected a number strictly between 0 and 1")
+    _require(len(s.d_pos) == 2, "srpo.d_pos", f"got {s.d_pos}, expected [start, end]")
+    _require(len(s.d_inv) == 2, "srpo.d_inv", f"got {s.d_inv}, expected [start, end]")
+    _require(s.num_injections >= 1, "srpo.num_injections", f"got {s.num_injections}, expected >= 1")
+    _require(0.0 < s.injection_discount <= 1.0, "srpo.injection_discount",
+             f"got {s.injection_discount}, expected 0 < discount <= 1")
+    _require(len(s.positive_words) >= 1, "srpo.positive_words", "expected at least one word")
+    _require(len(s.negative_words) >= 1, "srpo.negative_words", "expected at least one word")
+    o = cfg.optim
+    _require(o.lr >= 0, "optim.lr", f"got {o.lr}, expected >= 0")
+    _require(len(o.betas) == 2 and all(0 <= x < 1 for x in o.betas), "optim.betas",
+             f"got {o.betas}, expected two numbers in [0, 1)")
+    _require(o.eps > 0, "optim.eps", f"got {o.eps}, expected > 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"got {o.weight_decay}, expected >= 0")
+    _require(o.max_grad_norm > 0, "optim.max_grad_norm", f"got {o.max_grad_norm}, expected > 0")
+    _require(cfg.train.max_steps >= 1, "train.max_steps", f"got {cfg.train.max_steps}, expected >= 1")
+    _require(cfg.train.batch_size >= 1, "train.batch_size", f"got {cfg.train.batch_size}, expected >= 1")
+    _require(cfg.log.every >= 1, "log.every", f"got {cfg.log.every}, expected >= 1")
+
+
+def check_paths(cfg: Config) -> None:
+    """Every model and data path must exist locally: nothing is downloaded at run time."""
+    def need(value: str, field_name: str, what: str, is_dir: bool) -> None:
+        if not value:
+            raise ConfigError(f"{field_name}: missing; expected {what}")
+        p = Path(value)
+        ok = p.is_dir() if is_dir else p.is_file()
+        if not ok:
+            raise ConfigError(f"{field_name}: {value!r} does not exist; expected {what}")
+
+    need(cfg.model.path, "model.path",
+         "a local diffusers folder with the FLUX.1-dev layout (model_index.json, transformer/, vae/, ...)", True)
+    if not (Path(cfg.model.path) / "model_index.json").is_file():
+        raise ConfigError(f"model.path: {cfg.model.path!r} has no model_index.json; "
+                          "expected a diffusers folder with the FLUX.1-dev layout")
+    need(cfg.data.prompts, "data.prompts", "a text file with one prompt per line, or a parquet file", False)
+    if cfg.data.heldout_prompts:
+        need(cfg.data.heldout_prompts, "data.heldout_prompts", "a prompts file", False)
+    if cfg.reward.kind == "hpsv2":
+        need(cfg.reward.path, "reward.path", "the HPSv2.1 checkpoint file (HPS_v2.1_compressed.pt)", False)
+        if cfg.reward.arch.endswith(".json"):
+            need(cfg.reward.arch, "reward.arch", "an open_clip model-config JSON file", False)
+    else:
+        need(cfg.reward.path, "reward.path", f"a transformers CLIPModel folder for {cfg.reward.kind}", True)
+    if cfg.reward.tokenizer_path:
+        need(cfg.reward.tokenizer_path, "reward.tokenizer_path", "a tokenizer folder", True)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(cfg.to_yaml())
+
+
+def config_json(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)

@@ -1,0 +1,217 @@
+"""FLUX.1 adapter: loading, prompt encoding, latent packing, VAE normalisation, velocity calls.
+
+Everything the SRPO core needs from a model family goes through the small surface of
+:class:`pipeline.models.base.FlowModelAdapter`; this module implements it for FLUX with the real
+diffusers / transformers classes, loaded from a local folder with the FLUX.1-dev layout
+(the tiny world writes the same layout, so tests exercise this exact code).
+
+Shapes (B batch, H = W = resolution in pixels):
+- VAE latent ``z``: [B, 16, H/8, W/8]; packed latent ``x``: [B, (H/16)(W/16), 64].
+- T5 ``prompt_embeds``: [B, max_sequence_length, d_t5]; CLIP ``pooled``: [B, d_clip];
+  ``text_ids``: [max_sequence_length, 3] zeros; ``img_ids``: [(H/16)(W/16), 3].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pipeline.schedules import model_timestep
+
+# FLUX VAE latent normalisation (SRPO_SPEC notation): z_model = (z_vae - shift) * scale.
+FLUX_VAE_SHIFT = 0.1159
+FLUX_VAE_SCALE = 0.3611
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """Frozen text-encoder outputs for a batch of prompts (no gradient ever flows here)."""
+
+    prompt_embeds: Tensor  # [B, L, d_t5]
+    pooled: Tensor  # [B, d_clip]
+    text_ids: Tensor  # [L, 3]
+
+    def __len__(self) -> int:
+        return int(self.prompt_embeds.shape[0])
+
+    def to(self, device: torch.device) -> "TextConditioning":
+        return TextConditioning(self.prompt_embeds.to(device), self.pooled.to(device), self.text_ids.to(device))
+
+    def select(self, index: slice | list[int]) -> "TextConditioning":
+        return TextConditioning(self.prompt_embeds[index], self.pooled[index], self.text_ids)
+
+    @staticmethod
+    def cat(items: list["TextConditioning"]) -> "TextConditioning":
+        return TextConditioning(
+            torch.cat([c.prompt_embeds for c in items]),
+            torch.cat([c.pooled for c in items]),
+            items[0].text_ids,
+        )
+
+
+def pack_latents(z: Tensor) -> Tensor:
+    """[B, C, h, w] -> [B, (h/2)(w/2), 4C]: 2x2 patches, the layout FLUX's transformer reads."""
+    b, c, h, w = z.shape
+    z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return z.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: Tensor, h: int, w: int) -> Tensor:
+    """Inverse of :func:`pack_latents` for a latent of h x w (VAE-latent pixels)."""
+    b, _, d = x.shape
+    x = x.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def latent_image_ids(h: int, w: int) -> Tensor:
+    """RoPE position ids of the packed latent tokens: (0, row, col) per 2x2 patch."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def normalize_vae_latent(z_vae: Tensor) -> Tensor:
+    return (z_vae - FLUX_VAE_SHIFT) * FLUX_VAE_SCALE
+
+
+def denormalize_vae_latent(z_model: Tensor) -> Tensor:
+    return z_model / FLUX_VAE_SCALE + FLUX_VAE_SHIFT
+
+
+class FluxAdapter:
+    """The FLUX family: frozen VAE and text encoders plus a trainable transformer.
+
+    The transformer is passed to :meth:`velocity` explicitly: the learner may wrap it (FSDP2,
+    DeepSpeed) and the rollout may hold another version of it; the adapter owns only frozen parts.
+    """
+
+    family = "flux"
+    vae_scale_factor = 8  # three 2x downsamples in the FLUX VAE
+    latent_channels = 16
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+                 max_sequence_length: int = 512, device: torch.device | str = "cpu") -> None:
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_2 = tokenizer_2
+        self.max_sequence_length = max_sequence_length
+        self.device = torch.device(device)
+        for frozen in (vae, text_encoder, text_encoder_2):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu", max_sequence_length: int = 512,
+             load_text_encoders: bool = True) -> "FluxAdapter":
+        """Load every component from a local diffusers folder (FLUX.1-dev layout), fp32 weights."""
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        root = Path(path)
+        if not (root / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"{root}: no model_index.json; expected a local diffusers folder with the FLUX.1-dev layout")
+        for sub in ("transformer", "vae") + (("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+                                             if load_text_encoders else ()):
+            if not (root / sub).is_dir():
+                raise FileNotFoundError(f"{root / sub}: missing; expected the FLUX.1-dev component '{sub}'")
+        kw = dict(local_files_only=True, torch_dtype=torch.float32)
+        transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", **kw).to(device)
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw).to(device)
+        te = tok = te2 = tok2 = None
+        if load_text_encoders:
+            te = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw).to(device)
+            te2 = T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", **kw).to(device)
+            tok = AutoTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+            tok2 = AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True)
+        return cls(transformer, vae, te, tok, te2, tok2, max_sequence_length, device)
+
+    # ---------------------------------------------------------------- text
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> TextConditioning:
+        """Exactly FluxPipeline.encode_prompt: CLIP pooled output + T5 sequence embeddings."""
+        if self.text_encoder is None:
+            raise RuntimeError("text encoders were not loaded (load_text_encoders=False)")
+        clip_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt").input_ids
+        pooled = self.text_encoder(clip_ids.to(self.device), output_hidden_states=False).pooler_output
+        t5_ids = self.tokenizer_2(prompts, padding="max_length", max_length=self.max_sequence_length,
+                                  truncation=True, return_tensors="pt").input_ids
+        embeds = self.text_encoder_2(t5_ids.to(self.device), output_hidden_states=False)[0]
+        text_ids = torch.zeros(embeds.shape[1], 3, device=self.device)
+        return TextConditioning(embeds.float(), pooled.float(), text_ids)
+
+    # ---------------------------------------------------------------- latents
+    def latent_hw(self, resolution: int) -> tuple[int, int]:
+        h = 2 * (resolution // (self.vae_scale_factor * 2))
+        return h, h
+
+    def noise_shape(self, batch: int, resolution: int) -> tuple[int, int, int]:
+        h, w = self.latent_hw(resolution)
+        return batch, (h // 2) * (w // 2), self.latent_channels * 4
+
+    def sample_noise(self, batch: int, resolution: int, generator: torch.Generator) -> Tensor:
+        """eps ~ N(0, I) drawn in the VAE-latent layout then packed, as FluxPipeline.prepare_latents does.
+
+        Drawn on the CPU generator so a seed gives the same noise on every device.
+        """
+        h, w = self.latent_hw(resolution)
+        z = torch.randn(batch, self.latent_channels, h, w, generator=generator, dtype=torch.float32)
+        return pack_latents(z).to(self.device)
+
+    def image_ids(self, resolution: int) -> Tensor:
+        h, w = self.latent_hw(resolution)
+        return latent_image_ids(h, w).to(self.device)
+
+    # ---------------------------------------------------------------- transformer
+    def velocity(self, transformer, x: Tensor, sigma: float | Tensor, cond: TextConditioning,
+                 guidance: float, resolution: int) -> Tensor:
+        """v = model(x_sigma, t(sigma), text, guidance) ~ eps - x0, in packed layout [B, L, 64].
+
+        The diffusers transformer multiplies timestep and guidance by 1000 internally, so we pass
+        the truncated ``floor(1000 sigma) / 1000`` and the raw guidance, as FluxPipeline does.
+        """
+        b = x.shape[0]
+        t = model_timestep(sigma).to(device=x.device, dtype=torch.float32)
+        t = t.expand(b) if t.dim() == 0 else t
+        g = torch.full((b,), float(guidance), device=x.device, dtype=torch.float32)
+        out = transformer(
+            hidden_states=x,
+            timestep=t,
+            guidance=g if getattr(_unwrap(transformer).config, "guidance_embeds", True) else None,
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.prompt_embeds,
+            txt_ids=cond.text_ids,
+            img_ids=self.image_ids(resolution),
+            return_dict=False,
+        )[0]
+        return out.float()
+
+    # ---------------------------------------------------------------- VAE
+    def decode(self, x: Tensor, resolution: int) -> Tensor:
+        """Packed model latent -> image in [0, 1], differentiable w.r.t. ``x`` (the VAE is frozen)."""
+        h, w = self.latent_hw(resolution)
+        z = denormalize_vae_latent(unpack_latents(x, h, w))
+        decoded = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return (decoded.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Image in [0, 1], [B, 3, H, W] -> packed normalised model latent (the mean of the posterior)."""
+        posterior = self.vae.encode((images * 2 - 1).to(self.device, self.vae.dtype)).latent_dist
+        return pack_latents(normalize_vae_latent(posterior.mean.float()))
+
+
+def _unwrap(module):
+    """The plain module under DDP/FSDP/compile wrappers (for reading its config)."""
+    for attr in ("module", "_orig_mod"):
+        while hasattr(module, attr) and not hasattr(module, "config"):
+            module = getattr(module, attr)
+    return module

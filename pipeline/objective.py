@@ -1,0 +1,99 @@
+"""The reward side of a Direct-Align branch: x0_hat -> image -> SRP -> branch loss.
+
+``branch_loss`` is the one definition of the loss; :class:`ColocatedReward` runs it inside the
+learner (as the reference does) and back-propagates into the learner's graph. A remote reward
+worker runs the same ``branch_loss`` on a detached copy of x0_hat and returns dLoss/dx0_hat; by the
+chain rule (VAE and reward model are frozen) the learner's ``x0_hat.backward(grad)`` then gives the
+same parameter gradients.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from rewards.base import RewardModel
+from rewards.srp import semantic_relative_preference
+
+
+@dataclass(frozen=True)
+class RewardRequest:
+    """What the reward side needs for one branch of a batch (crosses process boundaries later).
+
+    k: [B] SRP interpolation weight per sample; discount: [B] or None (relative_discount variant).
+    """
+
+    captions: list[str]
+    pos_word: str
+    neg_word: str
+    k: Tensor
+    weight: float
+    hinge_margin: float = 0.7
+    loss_kind: str = "hinge"  # "hinge": relu(margin - R); "relative": -(r_pos - r_neg) * discount
+    discount: Tensor | None = None
+    srp_form: str = "reference"
+
+
+@dataclass(frozen=True)
+class BranchResult:
+    """Per-branch metrics (batch means) and the weighted loss value that was back-propagated."""
+
+    loss: float
+    reward: float
+    pos_score: float
+    neg_score: float
+
+
+def branch_loss(images: Tensor, reward_model: RewardModel, req: RewardRequest) -> tuple[Tensor, BranchResult]:
+    """images [B,3,H,W] in [0,1] (with graph) -> (weighted scalar loss with graph, metrics)."""
+    k = req.k.to(device=images.device, dtype=torch.float32)
+    srp = semantic_relative_preference(reward_model, images, req.captions, req.pos_word, req.neg_word, k,
+                                       form=req.srp_form)
+    if req.loss_kind == "hinge":
+        # ReFL-style hinge; the weight carries the 1/2 of the two branches.
+        per_sample = torch.relu(req.hinge_margin - srp.reward)
+        reward = srp.reward
+    elif req.loss_kind == "relative":
+        assert req.discount is not None, "relative loss needs the per-sample discount"
+        reward = (srp.pos_score - srp.neg_score) * req.discount.to(images.device, torch.float32)
+        per_sample = -reward
+    else:
+        raise ValueError(f"loss_kind: got {req.loss_kind!r}, expected 'hinge' or 'relative'")
+    loss = per_sample.mean() * req.weight
+    return loss, BranchResult(
+        loss=float(loss.detach()), reward=float(reward.detach().mean()),
+        pos_score=float(srp.pos_score.detach().mean()), neg_score=float(srp.neg_score.detach().mean()),
+    )
+
+
+class RewardObjective(Protocol):
+    def backward(self, x0_hat: Tensor, req: RewardRequest) -> BranchResult:
+        """Score x0_hat, back-propagate the branch loss into x0_hat's graph, return metrics."""
+        ...
+
+
+class ColocatedReward:
+    """Decode and score in the learner's process (the reference's placement)."""
+
+    def __init__(self, adapter, reward_model: RewardModel, resolution: int) -> None:
+        self.adapter = adapter
+        self.reward_model = reward_model
+        self.resolution = resolution
+
+    def loss(self, x0_hat: Tensor, req: RewardRequest) -> tuple[Tensor, BranchResult]:
+        images = self.adapter.decode(x0_hat, self.resolution)
+        return branch_loss(images, self.reward_model, req)
+
+    def backward(self, x0_hat: Tensor, req: RewardRequest) -> BranchResult:
+        loss, result = self.loss(x0_hat, req)
+        loss.backward()
+        return result
+
+    def loss_grad(self, x0_hat: Tensor, req: RewardRequest) -> tuple[Tensor, BranchResult]:
+        """dLoss/dx0_hat for a detached x0_hat: what a remote reward worker returns."""
+        leaf = x0_hat.detach().requires_grad_(True)
+        loss, result = self.loss(leaf, req)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        return grad, result

@@ -1,0 +1,27 @@
+"""Rollout (SRPO_SPEC.md section 1): sample x0 from the current policy, no gradient.
+
+    sigma_i = shift(1 - i/S), i = 0..S ;  x = eps ;  x <- x + (sigma_{i+1} - sigma_i) v(x, t(sigma_i))
+
+The noise prior eps is returned with x0: Direct-Align re-injects exactly this noise.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pipeline.device import autocast
+from pipeline.direct_align import euler_step
+from pipeline.schedules import rollout_sigmas
+
+
+@torch.no_grad()
+def sample_x0(adapter, transformer: torch.nn.Module, eps: Tensor, cond, resolution: int, steps: int = 25,
+              shift: float = 3.0, guidance: float = 1.0, mixed_precision: str = "no") -> Tensor:
+    """Euler-integrate from eps (sigma = 1) to sigma = 0; returns the packed latent x0 (fp32)."""
+    sigmas = rollout_sigmas(steps, shift)
+    x = eps.float()
+    for i in range(steps):
+        with autocast(x.device, mixed_precision):
+            v = adapter.velocity(transformer, x, float(sigmas[i]), cond, guidance, resolution)
+        x = euler_step(x, v.float(), float(sigmas[i]), float(sigmas[i + 1]))
+    return x
