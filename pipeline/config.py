@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -114,7 +114,7 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 20  # the authors' best result; longer training drifts
     batch_size: int = 1  # prompts per device per optimizer step
-    mixed_precision: Literal["no", "bf16"] = "bf16"
+    mixed_precision: Literal["fp32", "bf16"] = "bf16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = 0  # 0 = only at the end
 
@@ -231,6 +231,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: got {value!r}, expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-5" (no dot) as a string; accept what float() accepts.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: got {value!r}, expected a number")
         return float(value)

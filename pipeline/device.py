@@ -23,7 +23,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast over fp32 master weights (the reference recipe), or nothing.
 
-    On the CPU bf16 autocast is slow and changes numerics, so tests and the tiny preset use "no".
+    On the CPU bf16 autocast is slow and changes numerics, so tests and the tiny preset use "fp32".
     """
     if mixed_precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

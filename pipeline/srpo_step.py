@@ -81,7 +81,7 @@ def request_for(plan: BranchPlan, captions: list[str], cfg: SRPOConfig) -> Rewar
 
 def srpo_backward(adapter, transformer: torch.nn.Module, objective: RewardObjective, grid: TrainingGrid,
                   cfg: SRPOConfig, batch: StepBatch, step: int, generator: torch.Generator,
-                  resolution: int, shift: float, mixed_precision: str = "no",
+                  resolution: int, shift: float, mixed_precision: str = "fp32",
                   levels: list[list[int]] | None = None) -> StepMetrics:
     """Both branches' forward + backward for one batch; gradients accumulate in ``transformer``.
 
@@ -128,7 +128,7 @@ def optimizer_step(transformer: torch.nn.Module, optimizer: torch.optim.Optimize
 def srpo_step(adapter, transformer: torch.nn.Module, optimizer: torch.optim.Optimizer,
               objective: RewardObjective, grid: TrainingGrid, cfg: SRPOConfig, batch: StepBatch, step: int,
               generator: torch.Generator, resolution: int, shift: float, max_grad_norm: float,
-              mixed_precision: str = "no", levels: list[list[int]] | None = None) -> StepMetrics:
+              mixed_precision: str = "fp32", levels: list[list[int]] | None = None) -> StepMetrics:
     """A whole SRPO step: both branches, clipping, AdamW."""
     metrics = srpo_backward(adapter, transformer, objective, grid, cfg, batch, step, generator,
                             resolution, shift, mixed_precision, levels)

@@ -50,7 +50,7 @@ def _seed_everything(seed: int) -> None:
 def build_t5_tokenizer(out_dir: str | Path, vocab_size: int = 512):
     """A T5 (Unigram) tokenizer trained offline with the `tokenizers` library, saved for AutoTokenizer."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import T5TokenizerFast
 
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" {2,}", " ")])
@@ -63,8 +63,9 @@ def build_t5_tokenizer(out_dir: str | Path, vocab_size: int = 512):
 
     eos = tok.token_to_id("</s>")
     tok.post_processor = TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=512)
+    # The class FLUX.1-dev ships (T5TokenizerFast); no <extra_id_*> sentinels: the encoder never sees them.
+    fast = T5TokenizerFast(tokenizer_object=tok, extra_ids=0, pad_token="<pad>", eos_token="</s>",
+                           unk_token="<unk>", model_max_length=512)
     fast.save_pretrained(str(out_dir))
     return fast
 

@@ -1,0 +1,51 @@
+"""Shared fixtures: one tiny world per test session, written by the same code as `srpo make-tiny`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing may reach a hub; keep logs readable.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> dict[str, str]:
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    from pipeline.tiny import make_tiny_world
+
+    return make_tiny_world(tmp_path_factory.mktemp("tiny-world"), seed=0)
+
+
+@pytest.fixture()
+def tiny_overrides(tiny_world, tmp_path) -> list[str]:
+    """Overrides that point configs/tiny.yaml at the session's tiny world and a fresh output dir."""
+    root = Path(tiny_world["flux"]).parent
+    return [
+        f"tiny.dir={root}", f"model.path={tiny_world['flux']}",
+        f"reward.path={tiny_world['hps_checkpoint']}", f"reward.arch={tiny_world['hps_arch']}",
+        f"data.prompts={REPO / 'configs/prompts/tiny_train.txt'}",
+        f"data.heldout_prompts={REPO / 'configs/prompts/tiny_heldout.txt'}",
+        f"output.dir={tmp_path / 'run'}",
+    ]
+
+
+@pytest.fixture()
+def tiny_cfg(tiny_overrides):
+    from pipeline.config import load_config
+
+    def make(*extra: str):
+        return load_config(REPO / "configs/tiny.yaml", tiny_overrides + list(extra))
+
+    return make

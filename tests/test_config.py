@@ -1,0 +1,103 @@
+"""Config: presets match SRPO_SPEC section 5; bad input fails at load naming the field."""
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, check_paths, load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_hps_preset_is_the_reference_recipe():
+    c = load_config(REPO / "configs/flux_hpsv2.yaml")
+    assert (c.optim.lr, c.optim.betas, c.optim.eps, c.optim.weight_decay, c.optim.max_grad_norm) == \
+        (5e-6, [0.9, 0.999], 1e-8, 1e-4, 0.1)
+    assert (c.data.resolution, c.train.batch_size, c.train.max_steps, c.train.mixed_precision) == (720, 1, 20, "bf16")
+    assert (c.rollout.steps, c.rollout.guidance, c.rollout.shift) == (25, 1.0, 3.0)
+    s = c.srpo
+    assert (s.train_timestep, s.timestep_length, s.groundtruth_ratio, s.train_guidance) == ([5, 25], 1000, 0.9, 3.5)
+    assert (s.d_pos, s.d_inv, s.hinge_margin, s.variant) == ([0.1, 0.25], [0.3, 0.01], 0.7, "reference")
+    assert (c.reward.kind, c.reward.arch, c.model.max_sequence_length) == ("hpsv2", "ViT-H-14", 512)
+    assert c.model.activation_checkpointing
+
+
+def test_pickscore_preset():
+    c = load_config(REPO / "configs/flux_pickscore.yaml")
+    assert (c.rollout.guidance, c.srpo.train_timestep, c.srpo.d_pos, c.srpo.d_inv) == (2.0, [5, 30], [0.1, 0.5], [0.6, 0.01])
+    assert c.reward.kind == "pickscore"
+    # Everything else equals the HPS recipe.
+    h = load_config(REPO / "configs/flux_hpsv2.yaml")
+    assert (c.optim, c.train, c.srpo.groundtruth_ratio) == (h.optim, h.train, h.srpo.groundtruth_ratio)
+
+
+def test_authors_advice_on_k_tables_holds_in_presets():
+    for name in ("flux_hpsv2", "flux_pickscore"):
+        s = load_config(REPO / f"configs/{name}.yaml").srpo
+        assert s.d_pos[0] > s.d_inv[-1] and s.d_inv[0] > s.d_pos[-1]
+
+
+def test_overrides():
+    c = load_config(REPO / "configs/flux_hpsv2.yaml", ["optim.lr=1e-5", "srpo.train_timestep=[5, 30]",
+                                                        "train.mixed_precision=fp32", "srpo.variant=denoise_only"])
+    assert c.optim.lr == 1e-5 and c.srpo.train_timestep == [5, 30]
+    assert c.train.mixed_precision == "fp32" and c.srpo.variant == "denoise_only"
+    assert parse_override("a.b=3") == {"a": {"b": 3}}
+
+
+@pytest.mark.parametrize("override,field", [
+    ("data.resolution=100", "data.resolution"),
+    ("srpo.train_timestep=[0, 25]", "srpo.train_timestep"),
+    ("srpo.train_timestep=[25, 5]", "srpo.train_timestep"),
+    ("srpo.train_timestep=[5, 50]", "srpo.train_timestep"),
+    ("srpo.groundtruth_ratio=1.0", "srpo.groundtruth_ratio"),
+    ("srpo.groundtruth_ratio=0", "srpo.groundtruth_ratio"),
+    ("optim.lr=fast", "optim.lr"),
+    ("train.batch_size=1.5", "train.batch_size"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("reward.kind=imagereward", "reward.kind"),
+    ("srpo.variant=grpo", "srpo.variant"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("train.max_steps=0", "train.max_steps"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs/flux_hpsv2.yaml", [override])
+    assert str(e.value).startswith(field), str(e.value)
+
+
+def test_unknown_keys_are_rejected_with_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown config key optim.learning_rate; valid keys here: .*'lr'"):
+        load_config(REPO / "configs/flux_hpsv2.yaml", ["optim.learning_rate=1e-5"])
+    with pytest.raises(ConfigError, match="unknown config key bogus"):
+        load_config(None, ["bogus=1"])
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(None, ["optim.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_missing_model_path_is_named():
+    c = load_config(REPO / "configs/flux_hpsv2.yaml", ["model.path=/nonexistent/FLUX.1-dev"])
+    with pytest.raises(ConfigError, match=r"model.path: '/nonexistent/FLUX.1-dev' does not exist; expected a local diffusers folder"):
+        check_paths(c)
+    c = load_config(REPO / "configs/flux_hpsv2.yaml", ["model.path="])
+    with pytest.raises(ConfigError, match="model.path: missing"):
+        check_paths(c)
+
+
+def test_missing_reward_checkpoint_is_named(tiny_cfg, tmp_path):
+    c = tiny_cfg(f"reward.path={tmp_path / 'HPS_v2.1_compressed.pt'}")
+    with pytest.raises(ConfigError, match=r"reward.path: .* does not exist; expected the HPSv2.1 checkpoint file"):
+        check_paths(c)
+    check_paths(tiny_cfg())  # the tiny world itself is complete
+
+
+def test_flat_params_cover_every_field():
+    flat = load_config(REPO / "configs/tiny.yaml").flat()
+    assert flat["optim.lr"] == 1e-3 and flat["srpo.d_pos"] == [0.1, 0.25] and "model.path" in flat
