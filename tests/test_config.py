@@ -100,4 +100,4 @@ def test_missing_reward_checkpoint_is_named(tiny_cfg, tmp_path):
 
 def test_flat_params_cover_every_field():
     flat = load_config(REPO / "configs/tiny.yaml").flat()
-    assert flat["optim.lr"] == 1e-3 and flat["srpo.d_pos"] == [0.1, 0.25] and "model.path" in flat
+    assert flat["optim.lr"] == 3e-3 and flat["srpo.d_pos"] == [0.1, 0.25] and "model.path" in flat

@@ -1,0 +1,72 @@
+"""The single-process trainer learns on the tiny preset, and the `srpo train` job logs a complete run."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.data import read_prompts
+from pipeline.trainer import SRPOTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+HELDOUT_SEED = 4321  # noise never used in training (training noise comes from cfg.seed)
+
+
+def _run(cfg, steps=30):
+    torch.manual_seed(0)
+    tr = SRPOTrainer(cfg)
+    held = read_prompts(cfg.data.heldout_prompts)
+    assert not set(held) & set(tr.prompts), "held-out prompts must not be training prompts"
+    before = tr.mean_srp_reward(held, seed=HELDOUT_SEED)
+    tr.fit(steps)
+    after = tr.mean_srp_reward(held, seed=HELDOUT_SEED)
+    return before, after
+
+
+def test_thirty_steps_raise_heldout_reward_and_lr_zero_does_not(tiny_cfg):
+    before, after = _run(tiny_cfg())
+    before0, after0 = _run(tiny_cfg("optim.lr=0"))
+    print(f"\nheld-out mean SRP reward (full rollout): lr=3e-3 {before:.5f} -> {after:.5f};"
+          f" lr=0 {before0:.5f} -> {after0:.5f}")
+    assert before == pytest.approx(before0, abs=1e-7), "same start, same held-out noise"
+    # Learning: a clear rise, not noise (measured about +0.025 on a base of 0.035).
+    assert after - before > 0.01
+    # No learning at lr = 0: identical policy, identical images, identical reward.
+    assert after0 == pytest.approx(before0, abs=1e-6)
+
+
+def test_train_job_end_to_end(tiny_overrides, tmp_path):
+    """`python -m jobs.train` on the tiny preset: MLflow run with params, metrics and the export."""
+    out = tmp_path / "run"
+    overrides = [o for o in tiny_overrides if not o.startswith("output.dir=")] + [f"output.dir={out}", "train.max_steps=3"]
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--config", "configs/tiny.yaml", *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = out / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert weights.is_file()
+
+    import mlflow
+    from safetensors.torch import load_file
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "srpo-tiny"]
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.003" and run.data.params["srpo.train_timestep"] == "[5, 25]"
+    for key in ("loss", "grad_norm", "lr", "denoise/reward", "inversion/reward", "denoise/pos_score",
+                "denoise/neg_score", "denoise/k", "time/rollout_s"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 3, key
+    # The exported state dict loads into the diffusers transformer of the tiny folder.
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(Path(tiny_overrides[1].split("=", 1)[1]), subfolder="transformer")
+    result = model.load_state_dict(load_file(weights), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_bad_config_exits_before_any_work(tiny_overrides):
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--config", "configs/tiny.yaml",
+                           *tiny_overrides, "data.resolution=100"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "config error: data.resolution: got 100, expected a positive multiple of 16" in proc.stderr
