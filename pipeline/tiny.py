@@ -9,7 +9,7 @@
   DIR/clip/        a transformers CLIPModel folder (CLIP format)
 Everything is then loaded back by the same loaders that load FLUX.1-dev and the real rewards.
 
-Two sizes: ``tiny`` (CPU tests, the default run) and ``small`` (a ~70M-parameter FLUX transformer for
+Two sizes: ``tiny`` (CPU tests, the default run) and ``small`` (a ~60M-parameter FLUX transformer for
 benchmarks at 256x256).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ SIZES = {
     "tiny": dict(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
                  joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
                  vae_channels=(16, 16, 16, 16), text_width=32, t5_width=32),
-    "small": dict(num_layers=4, num_single_layers=8, attention_head_dim=64, num_attention_heads=6,
+    "small": dict(num_layers=6, num_single_layers=12, attention_head_dim=64, num_attention_heads=6,
                   joint_attention_dim=128, pooled_projection_dim=64, axes_dims_rope=(16, 24, 24),
                   vae_channels=(32, 32, 64, 64), text_width=64, t5_width=128),
 }
