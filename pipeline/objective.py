@@ -69,13 +69,27 @@ def branch_loss(images: Tensor, reward_model: RewardModel, req: RewardRequest) -
 
 
 class RewardObjective(Protocol):
-    def backward(self, x0_hat: Tensor, req: RewardRequest) -> BranchResult:
-        """Score x0_hat, back-propagate the branch loss into x0_hat's graph, return metrics."""
-        ...
+    """The reward side of the learner. ``surrogate`` returns a scalar whose gradient w.r.t. the
+    learner's parameters equals the branch loss's, plus the branch metrics.
+
+    Colocated, the surrogate is the loss itself. Remote (gradient relay), it is
+    ``(x0_hat * dLoss/dx0_hat).sum()`` with the gradient computed by a reward worker: the same
+    parameter gradients by the chain rule, and it goes through any engine's ``backward``
+    (plain autograd, FSDP2, DeepSpeed) unchanged.
+    """
+
+    def surrogate(self, x0_hat: Tensor, req: RewardRequest) -> tuple[Tensor, BranchResult]: ...
+
+    # Objectives with ``overlap = True`` also provide ``submit(x0_hat, req) -> ticket`` (start the
+    # round trip on a detached copy) and ``collect(ticket, x0_hat) -> (surrogate, result)``.
 
 
 class ColocatedReward:
     """Decode and score in the learner's process (the reference's placement)."""
+
+    #: Colocated scoring gains nothing from running branches' forwards ahead of their backwards,
+    #: and that would keep two graphs alive; remote objectives set this to overlap round trips.
+    overlap = False
 
     def __init__(self, adapter, reward_model: RewardModel, resolution: int) -> None:
         self.adapter = adapter
@@ -86,10 +100,8 @@ class ColocatedReward:
         images = self.adapter.decode(x0_hat, self.resolution)
         return branch_loss(images, self.reward_model, req)
 
-    def backward(self, x0_hat: Tensor, req: RewardRequest) -> BranchResult:
-        loss, result = self.loss(x0_hat, req)
-        loss.backward()
-        return result
+    def surrogate(self, x0_hat: Tensor, req: RewardRequest) -> tuple[Tensor, BranchResult]:
+        return self.loss(x0_hat, req)
 
     def loss_grad(self, x0_hat: Tensor, req: RewardRequest) -> tuple[Tensor, BranchResult]:
         """dLoss/dx0_hat for a detached x0_hat: what a remote reward worker returns."""
@@ -97,3 +109,8 @@ class ColocatedReward:
         loss, result = self.loss(leaf, req)
         (grad,) = torch.autograd.grad(loss, leaf)
         return grad, result
+
+
+def relay_surrogate(x0_hat: Tensor, grad: Tensor) -> Tensor:
+    """A scalar whose backward is ``x0_hat.backward(grad)``."""
+    return (x0_hat * grad.to(device=x0_hat.device, dtype=x0_hat.dtype).detach()).sum()

@@ -13,7 +13,7 @@ the same inputs and parameters reproduces it bit for bit on the same device.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -82,10 +82,14 @@ def request_for(plan: BranchPlan, captions: list[str], cfg: SRPOConfig) -> Rewar
 def srpo_backward(adapter, transformer: torch.nn.Module, objective: RewardObjective, grid: TrainingGrid,
                   cfg: SRPOConfig, batch: StepBatch, step: int, generator: torch.Generator,
                   resolution: int, shift: float, mixed_precision: str = "fp32",
-                  levels: list[list[int]] | None = None) -> StepMetrics:
+                  levels: list[list[int]] | None = None,
+                  backward: Callable[[Tensor], None] = torch.Tensor.backward) -> StepMetrics:
     """Both branches' forward + backward for one batch; gradients accumulate in ``transformer``.
 
     ``levels`` (m per injection and sample) overrides the generator, for replay and tests.
+    ``backward`` runs a branch's backward (an engine's, e.g. DeepSpeed's, instead of autograd's).
+    When the objective overlaps (remote reward), every branch's forward runs first and its reward
+    round trip is in flight while the next forward computes; backwards then run in branch order.
     """
     if levels is None:
         levels = draw_levels(grid, generator, len(batch.captions), cfg.num_injections)
@@ -97,10 +101,28 @@ def srpo_backward(adapter, transformer: torch.nn.Module, objective: RewardObject
     def velocity_fn(x: Tensor, sigma: Tensor) -> Tensor:
         return adapter.velocity(transformer, x, sigma, batch.cond, cfg.train_guidance, resolution)
 
-    for plan in plans:
+    def forward(plan: BranchPlan) -> Tensor:
         with autocast(device, mixed_precision):
-            x0_hat = direct_align(velocity_fn, batch.x0, batch.eps, plan)
-            result = objective.backward(x0_hat.float(), request_for(plan, batch.captions, cfg))
+            return direct_align(velocity_fn, batch.x0, batch.eps, plan).float()
+
+    outcomes: list[tuple[BranchPlan, Any]] = []
+    if getattr(objective, "overlap", False):
+        # Remote reward: every forward first, so each branch's round trip is in flight while the next
+        # branch computes; backwards then run in branch order (denoise first, as the reference).
+        tickets = []
+        for plan in plans:
+            x0_hat = forward(plan)
+            tickets.append((plan, x0_hat, objective.submit(x0_hat, request_for(plan, batch.captions, cfg))))
+        for plan, x0_hat, ticket in tickets:
+            surrogate, result = objective.collect(ticket, x0_hat)
+            backward(surrogate)
+            outcomes.append((plan, result))
+    else:
+        for plan in plans:
+            surrogate, result = objective.surrogate(forward(plan), request_for(plan, batch.captions, cfg))
+            backward(surrogate)  # frees this branch's graph before the next forward
+            outcomes.append((plan, result))
+    for plan, result in outcomes:
         metrics.branches.append({
             "branch": plan.name, "loss": result.loss, "reward": result.reward,
             "pos_score": result.pos_score, "neg_score": result.neg_score,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.direct_align import plan_branches
-from pipeline.objective import RewardRequest
+from pipeline.objective import RewardRequest, relay_surrogate
 from pipeline.srpo_step import StepBatch, request_for, srpo_backward, srpo_step
 from pipeline.trainer import SRPOTrainer
 
@@ -40,7 +40,8 @@ def test_branch_gradient_wrt_model_output_matches_chain_rule(trainer):
         x0_hat = direct_align(velocity_fn, batch.x0, batch.eps, plan)
         req = request_for(plan, batch.captions, cfg)
         grad_x0_hat, _ = tr.objective.loss_grad(x0_hat, req)  # independent: autograd on a detached leaf
-        result = tr.objective.backward(x0_hat, req)
+        surrogate, result = tr.objective.surrogate(x0_hat, req)
+        surrogate.backward()
         s_from, s_to = float(plan.sigma_from[0]), float(plan.sigma_to[0])
         factor = (s_to - s_from) / (1 - s_to)
         assert (factor < 0) == (plan.name == "denoise")
@@ -60,12 +61,12 @@ def test_relay_gradient_equals_colocated_backward(trainer):
 
     vf = lambda x, s: tr.adapter.velocity(tr.transformer, x, s, batch.cond, 3.5, 64)  # noqa: E731
     req = request_for(plan, batch.captions, tr.cfg.srpo)
-    tr.objective.backward(direct_align(vf, batch.x0, batch.eps, plan), req)
+    tr.objective.surrogate(direct_align(vf, batch.x0, batch.eps, plan), req)[0].backward()
     colocated = {n: p.grad.clone() for n, p in tr.transformer.named_parameters() if p.grad is not None}
     tr.optimizer.zero_grad(set_to_none=True)
     x0_hat = direct_align(vf, batch.x0, batch.eps, plan)
     grad, _ = tr.objective.loss_grad(x0_hat, req)
-    x0_hat.backward(grad)
+    relay_surrogate(x0_hat, grad).backward()  # = x0_hat.backward(grad)
     relayed = {n: p.grad.clone() for n, p in tr.transformer.named_parameters() if p.grad is not None}
     assert colocated.keys() == relayed.keys() and len(colocated) > 10
     for n in colocated:

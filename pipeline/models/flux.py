@@ -109,8 +109,12 @@ class FluxAdapter:
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu", max_sequence_length: int = 512,
-             load_text_encoders: bool = True) -> "FluxAdapter":
-        """Load every component from a local diffusers folder (FLUX.1-dev layout), fp32 weights."""
+             load_text_encoders: bool = True, load_transformer: bool = True) -> "FluxAdapter":
+        """Load components from a local diffusers folder (FLUX.1-dev layout), fp32 weights.
+
+        A reward worker needs only the VAE (load_transformer=False, load_text_encoders=False);
+        a text-embedding worker needs only the text encoders.
+        """
         from diffusers import AutoencoderKL, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
@@ -118,12 +122,13 @@ class FluxAdapter:
         if not (root / "model_index.json").is_file():
             raise FileNotFoundError(
                 f"{root}: no model_index.json; expected a local diffusers folder with the FLUX.1-dev layout")
-        for sub in ("transformer", "vae") + (("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-                                             if load_text_encoders else ()):
+        for sub in (("transformer",) if load_transformer else ()) + ("vae",) + (
+                ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2") if load_text_encoders else ()):
             if not (root / sub).is_dir():
                 raise FileNotFoundError(f"{root / sub}: missing; expected the FLUX.1-dev component '{sub}'")
         kw = dict(local_files_only=True, torch_dtype=torch.float32)
-        transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", **kw).to(device)
+        transformer = (FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", **kw).to(device)
+                       if load_transformer else None)
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw).to(device)
         te = tok = te2 = tok2 = None
         if load_text_encoders:
