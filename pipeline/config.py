@@ -52,6 +52,14 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     mode: Literal["online"] = "online"  # "offline" (real images) arrives with the offline issue
+    # actors: a separate Ray Data actor pool pulling versioned weights; colocated: the learner's own
+    # workers generate with their sharded model (the reference; no weight sync).
+    placement: Literal["actors", "colocated"] = "colocated"
+    num_actors: int = 2  # actor-pool size (min = max) for placement=actors
+    num_cpus: float = 1.0  # per rollout actor
+    num_gpus: float = 0.0  # per rollout actor
+    max_staleness: int = 1  # policy versions a sample may lag the learner (placement=actors)
+    weight_sync: Literal["object_store", "broadcast"] = "object_store"
     steps: int = 25  # S, Euler steps from sigma=1 to 0
     guidance: float = 1.0  # distilled guidance fed to FLUX during rollout (HPS 1.0, PickScore 2.0)
     shift: float = 3.0  # s of shift(t) = s t / (1 + (s - 1) t)
@@ -98,7 +106,12 @@ class RewardConfig:
     arch: str = "ViT-H-14"
     # pickscore: the CLIP-ViT-H-14 processor folder whose tokenizer PickScore uses (default: path).
     tokenizer_path: str = ""
-    placement: Literal["colocated"] = "colocated"  # "remote" arrives with the Ray pipeline
+    # colocated: the reward model lives in the learner (the reference); remote: reward actors decode
+    # x0_hat and return dLoss/dx0_hat (the gradient relay).
+    placement: Literal["colocated", "remote"] = "colocated"
+    num_actors: int = 2
+    num_cpus: float = 1.0  # per reward actor
+    num_gpus: float = 0.0  # per reward actor
 
 
 @dataclass
@@ -120,11 +133,22 @@ class TrainConfig:
 
 
 @dataclass
+class LearnerConfig:
+    # 0 = the single-process trainer (no Ray); N >= 1 = Ray Train TorchTrainer with N workers.
+    num_workers: int = 0
+    strategy: Literal["fsdp2", "deepspeed"] = "fsdp2"
+    zero_stage: int = 2  # deepspeed only: 2 or 3
+    num_cpus: float = 1.0  # per learner worker
+    use_gpu: bool = False
+
+
+@dataclass
 class LogConfig:
     tracking_uri: str = ""  # "" = sqlite:///<output.dir>/mlflow.db (embedded, nothing to start)
     experiment: str = "srpo"
     run_name: str = ""
     every: int = 1
+    image_every: int = 5  # steps between rollout image grids (0 = never)
 
 
 @dataclass
@@ -151,6 +175,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     log: LogConfig = field(default_factory=LogConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     tiny: TinyConfig = field(default_factory=TinyConfig)
@@ -358,6 +383,13 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.max_steps >= 1, "train.max_steps", f"got {cfg.train.max_steps}, expected >= 1")
     _require(cfg.train.batch_size >= 1, "train.batch_size", f"got {cfg.train.batch_size}, expected >= 1")
     _require(cfg.log.every >= 1, "log.every", f"got {cfg.log.every}, expected >= 1")
+    _require(cfg.log.image_every >= 0, "log.image_every", f"got {cfg.log.image_every}, expected >= 0")
+    _require(cfg.learner.num_workers >= 0, "learner.num_workers", f"got {cfg.learner.num_workers}, expected >= 0")
+    _require(cfg.learner.zero_stage in (2, 3), "learner.zero_stage", f"got {cfg.learner.zero_stage}, expected 2 or 3")
+    _require(cfg.rollout.num_actors >= 1, "rollout.num_actors", f"got {cfg.rollout.num_actors}, expected >= 1")
+    _require(cfg.rollout.max_staleness >= 0, "rollout.max_staleness",
+             f"got {cfg.rollout.max_staleness}, expected >= 0")
+    _require(cfg.reward.num_actors >= 1, "reward.num_actors", f"got {cfg.reward.num_actors}, expected >= 1")
 
 
 def check_paths(cfg: Config) -> None:
