@@ -1,7 +1,9 @@
 """``python -m jobs.train --config configs/tiny.yaml [key=value ...]`` (also ``srpo train``).
 
-Runs SRPO with the single-process trainer (reward colocated) and logs to MLflow; writes the
-trained transformer as ``<output.dir>/transformer/diffusion_pytorch_model.safetensors``.
+With ``learner.num_workers >= 1`` it runs the Ray pipeline (pipeline/driver.py): it joins the
+cluster named by RAY_ADDRESS (as under ``ray job submit``) or starts a local one. With 0 it runs the
+single-process trainer (reward colocated). Either way it logs to MLflow and writes the trained
+transformer as ``<output.dir>/transformer/diffusion_pytorch_model.safetensors``.
 """
 from __future__ import annotations
 
@@ -18,6 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(p)
     args = p.parse_args(argv)
     cfg = prepared_config(args)
+    if cfg.learner.num_workers >= 1:
+        from pipeline.driver import run_ray
+
+        result = run_ray(cfg)
+        print(f"saved {result['export']}\nmlflow: {result['tracking_uri']} run {result['run_id']}")
+        return 0
 
     import torch
 

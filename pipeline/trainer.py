@@ -22,6 +22,7 @@ from torch import Tensor
 from pipeline.config import Config
 from pipeline.data import read_prompts
 from pipeline.device import resolve_device
+from pipeline.export import save_state_dict
 from pipeline.models import load_adapter
 from pipeline.objective import ColocatedReward
 from pipeline.rollout import sample_x0
@@ -135,15 +136,7 @@ class SRPOTrainer:
     # ------------------------------------------------------------------ output
     def save_transformer(self, path: str | Path) -> Path:
         """Consolidated transformer state dict as safetensors, written atomically."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.transformer.state_dict().items()}
-        save_file(state, str(tmp), metadata={"format": "pt", "srpo_step": str(self.step)})
-        tmp.replace(path)
-        return path
+        return save_state_dict(self.transformer.state_dict(), path, step=self.step)
 
 
 def _gcd(a: int, b: int) -> int:

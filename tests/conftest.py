@@ -49,3 +49,17 @@ def tiny_cfg(tiny_overrides):
         return load_config(REPO / "configs/tiny.yaml", tiny_overrides + list(extra))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the session: 8 logical CPUs on 2 cores (Train reserves its workers'
+    CPUs; Ray Data needs some left for its actor pools), no dashboard, loopback only."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+                                           "DIFFUSERS_VERBOSITY": "error"}})
+    yield ray
+    ray.shutdown()

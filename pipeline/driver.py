@@ -1,0 +1,104 @@
+"""The Ray driver: wires the weight store, reward actors, the Ray Data stream and the learner.
+
+    connect_ray          local cluster (127.0.0.1) or RAY_ADDRESS
+    MLflow run           params, config, tags (the driver owns the run; rank 0 logs into it)
+    WeightStore          rollout.placement=actors only
+    reward actors        reward.placement=remote only (gradient relay)
+    build_dataset        prompts -> text embeddings -> [rollout actors]
+    TorchTrainer.fit     learner.num_workers x train_loop_per_worker (actors/learner.py)
+    export               <output.dir>/transformer/diffusion_pytorch_model.safetensors, logged to MLflow
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+
+
+def connect_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`) or start a local one.
+
+    A local cluster gets more logical CPUs than cores: Ray Train reserves its workers' CPUs and
+    Ray Data would otherwise have none left for its actor pools on a small machine.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def required_cpus(cfg: Config) -> float:
+    """Logical CPUs a local run needs (learners + actor pools + one text-embedding actor)."""
+    n = cfg.learner.num_workers * cfg.learner.num_cpus + cfg.rollout.num_cpus
+    if cfg.rollout.placement == "actors":
+        n += cfg.rollout.num_actors * cfg.rollout.num_cpus
+    if cfg.reward.placement == "remote":
+        n += cfg.reward.num_actors * cfg.reward.num_cpus
+    return n
+
+
+def run_ray(cfg: Config) -> dict[str, Any]:
+    import ray
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from actors.learner import train_loop_per_worker
+    from pipeline.stream import build_dataset, ingest_options
+    from pipeline.tracking import MLflowRun, default_tracking_uri
+
+    if cfg.learner.num_workers < 1:
+        raise ValueError("learner.num_workers: the Ray pipeline needs >= 1 learner worker")
+    connect_ray(num_cpus=int(max(8, required_cpus(cfg) + 2)))
+    out = Path(cfg.output.dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    run = MLflowRun(cfg)
+    status = "FAILED"
+    actors: list[Any] = []
+    try:
+        loop_config: dict[str, Any] = {
+            "cfg": cfg.to_dict(), "mlflow_run_id": run.run_id, "tracking_uri": default_tracking_uri(cfg),
+            "export_path": str(out / "transformer" / "diffusion_pytorch_model.safetensors"),
+        }
+        store = None
+        if cfg.rollout.placement == "actors":
+            from actors.weights import WeightStore
+
+            store = ray.remote(WeightStore).options(num_cpus=0, max_restarts=0).remote()
+            loop_config["store"] = store
+            actors.append(store)
+        if cfg.reward.placement == "remote":
+            from actors.reward import start_reward_actors
+
+            loop_config["reward_actors"] = start_reward_actors(cfg)
+            actors.extend(loop_config["reward_actors"])
+        dataset = build_dataset(cfg, store)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=cfg.learner.num_workers, use_gpu=cfg.learner.use_gpu,
+                                         resources_per_worker={"CPU": cfg.learner.num_cpus}),
+            run_config=RunConfig(name=f"srpo-{run.run_id[:8]}", storage_path=str(out / "ray")),
+            datasets={"train": dataset},
+            dataset_config=DataConfig(execution_options=ingest_options()),
+        )
+        result = trainer.fit()
+        export = Path(loop_config["export_path"])
+        if export.is_file():
+            run.log_artifact(export, "transformer")
+        status = "FINISHED"
+        return {"run_id": run.run_id, "tracking_uri": default_tracking_uri(cfg), "export": str(export),
+                "metrics": dict(result.metrics or {})}
+    finally:
+        run.end(status)
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - best-effort clean-up of our own actors
+                pass

@@ -1,0 +1,424 @@
+"""Learner engines: data parallelism applied from outside the model (DESIGN principle 5).
+
+    engine = build_engine(strategy, transformer, optim_cfg, device, mixed_precision, activation_checkpointing)
+    srpo_backward(adapter, engine.transformer, ..., backward=engine.backward)   # one backward per branch
+    grad_norm = engine.step(max_grad_norm)    # global-norm clip across shards, AdamW, zero grads
+    state = engine.full_state_dict()          # plain diffusers keys, fp32, CPU (publish / safetensors)
+
+Strategies:
+- ``single``: the plain module and AdamW of :mod:`pipeline.srpo_step`, exactly what ``SRPOTrainer`` runs.
+- ``fsdp2``: ``fully_shard`` on every double-stream block (``transformer_blocks``) and single-stream
+  block (``single_transformer_blocks``), then the root (torchtitan's FLUX ``parallelize``); AdamW is
+  built after sharding, on the DTensor shards.
+- ``deepspeed``: ZeRO stage 2 or 3 around the same ``torch.optim.AdamW``.
+
+The sharded strategies are data parallel: each rank runs its own samples and the gradients are
+averaged across ranks (FSDP2's reduce-scatter and DeepSpeed's reduction both divide by the world
+size). Since the SRPO branch loss is a per-sample mean, N ranks with B samples each compute the
+update a single process computes for the N*B batch. They need an initialised default process
+group (a Ray Train worker, or a test's spawned processes; backend from
+:func:`pipeline.device.distributed_backend`).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pipeline.config import OptimConfig
+from pipeline.srpo_step import build_optimizer, optimizer_step
+
+STRATEGIES = ("single", "fsdp2", "deepspeed")
+ZERO_STAGES = (2, 3)
+
+
+@runtime_checkable
+class LearnerEngine(Protocol):
+    """One learner's model + optimizer, however it is distributed.
+
+    - ``backward(loss)``: one call per SRPO branch; gradients accumulate until ``step``.
+    - ``step(max_grad_norm)``: clip the global gradient norm (across shards), AdamW, zero the
+      gradients; returns the pre-clip norm as a float, the same on every rank.
+    - ``full_state_dict()``: a collective on the sharded engines (every rank calls it, in step). The
+      consolidated fp32 CPU state with the plain diffusers keys is returned on rank 0 (on every rank
+      with ``rank0_only=False``); the other ranks get ``{}``, which bounds host memory at one copy.
+    - ``load_full_state_dict(state)``: every rank passes the same full state; weights only (AdamW's
+      state is untouched).
+    """
+
+    transformer: nn.Module  # what adapter.velocity(...) calls for the forward
+    optimizer: torch.optim.Optimizer | None
+
+    def backward(self, loss: Tensor) -> None: ...
+
+    def step(self, max_grad_norm: float) -> float: ...
+
+    def full_state_dict(self, rank0_only: bool = True) -> dict[str, Tensor]: ...
+
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+
+def build_engine(strategy: str, transformer: nn.Module, optim_cfg: OptimConfig, device: torch.device,
+                 mixed_precision: str, activation_checkpointing: bool, zero_stage: int = 2) -> LearnerEngine:
+    """Wrap ``transformer`` (a plain diffusers model, fp32 weights) for training on ``device``.
+
+    ``mixed_precision`` "bf16" means bf16 compute over fp32 master weights: for ``single`` the
+    autocast in ``srpo_backward`` does it; ``fsdp2`` adds MixedPrecisionPolicy(bf16, reduce fp32)
+    and ``deepspeed`` its bf16 mode, on accelerators only (on the CPU both stay fp32).
+    """
+    device = torch.device(device)
+    if strategy == "single":
+        return SingleEngine(transformer, optim_cfg, device, activation_checkpointing)
+    if strategy == "fsdp2":
+        return FSDP2Engine(transformer, optim_cfg, device, mixed_precision, activation_checkpointing)
+    if strategy == "deepspeed":
+        return DeepSpeedZeroEngine(transformer, optim_cfg, device, mixed_precision, activation_checkpointing,
+                                   zero_stage)
+    raise ValueError(f"learner.strategy: got {strategy!r}, expected one of {list(STRATEGIES)}")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _bf16_compute(device: torch.device, mixed_precision: str) -> bool:
+    """bf16 parameters for compute only on accelerators: bf16 matmuls on the CPU are slow and the
+    CPU runs exist to check numerics against the fp32 single-process trainer."""
+    return mixed_precision == "bf16" and device.type != "cpu"
+
+
+def _require_process_group(strategy: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"learner.strategy={strategy!r} needs an initialised torch.distributed process group "
+            "(a Ray Train worker provides one; otherwise call torch.distributed.init_process_group with "
+            "pipeline.device.distributed_backend(device))")
+
+
+def _enable_activation_checkpointing(transformer: nn.Module) -> None:
+    """diffusers' own per-block checkpointing (non-reentrant ``torch.utils.checkpoint`` around each
+    block's ``__call__``); see FSDP2Engine for why this rather than ``checkpoint_wrapper``."""
+    if not hasattr(transformer, "enable_gradient_checkpointing"):
+        raise TypeError(f"{type(transformer).__name__} has no enable_gradient_checkpointing(); "
+                        "activation checkpointing needs a diffusers model")
+    transformer.enable_gradient_checkpointing()
+
+
+def _set_current_device(device: torch.device) -> None:
+    """Collectives (FSDP2's device mesh, DeepSpeed) use the current accelerator; make it ``device``."""
+    if device.type != "cpu" and device.index is not None:
+        torch.accelerator.set_device_index(device.index)
+
+
+def _to_cpu_fp32(t: Tensor) -> Tensor:
+    dtype = torch.float32 if t.is_floating_point() else t.dtype
+    # copy=True: never hand out a view of live training storage (the next step would change it).
+    return t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
+
+
+def _check_keys(state: dict[str, Tensor], expected: list[str]) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"load_full_state_dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} "
+                       f"({len(missing)} missing, {len(unexpected)} unexpected); expected the plain "
+                       "diffusers transformer state dict")
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# ------------------------------------------------------------------------------------------ single
+
+
+class SingleEngine:
+    """No distribution: the module itself, AdamW, ``loss.backward()`` (what SRPOTrainer does)."""
+
+    def __init__(self, transformer: nn.Module, optim_cfg: OptimConfig, device: torch.device,
+                 activation_checkpointing: bool) -> None:
+        self.transformer = transformer.to(device).train()
+        if activation_checkpointing:
+            _enable_activation_checkpointing(self.transformer)
+        o = optim_cfg
+        self.optimizer = build_optimizer(self.transformer.parameters(), o.lr, o.betas, o.eps, o.weight_decay)
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def step(self, max_grad_norm: float) -> float:
+        return optimizer_step(self.transformer, self.optimizer, max_grad_norm)
+
+    def full_state_dict(self, rank0_only: bool = True) -> dict[str, Tensor]:
+        """The whole state on the calling process (there is only one)."""
+        return {k: _to_cpu_fp32(v) for k, v in self.transformer.state_dict().items()}
+
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
+        _check_keys(state, list(self.transformer.state_dict()))
+        # In place (assign=False): the optimizer keeps pointing at the same parameters.
+        self.transformer.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------ FSDP2
+
+
+class FSDP2Engine:
+    """``fully_shard`` per FLUX block, then the root; AdamW on the DTensor shards.
+
+    Activation checkpointing uses diffusers' own (``enable_gradient_checkpointing``) rather than
+    torchtitan's ``checkpoint_wrapper``: the wrapper replaces each block by a ``CheckpointWrapper``
+    and renames every parameter (``..._checkpoint_wrapped_module...``), so optimizer and state-dict
+    keys would no longer be the plain diffusers ones; diffusers' version keeps the module tree, is
+    what the single-process trainer uses, and is non-reentrant ``torch.utils.checkpoint`` around
+    ``block.__call__``, which FSDP2 supports: during the recomputation its pre-forward hook sees the
+    block already unsharded by the pre-backward hook and does not all-gather again.
+
+    Mixed precision (accelerators): parameters are all-gathered in bf16, gradients reduce-scattered
+    in fp32, the sharded master weights and AdamW state stay fp32.
+    """
+
+    def __init__(self, transformer: nn.Module, optim_cfg: OptimConfig, device: torch.device,
+                 mixed_precision: str, activation_checkpointing: bool) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        _require_process_group("fsdp2")
+        _set_current_device(device)
+        transformer = transformer.to(device).train()
+        if activation_checkpointing:
+            _enable_activation_checkpointing(transformer)  # before sharding; it only sets flags
+        # Explicit mesh device type: the default would pick the machine's accelerator even for a
+        # CPU learner (CPU tests on a GPU host).
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        if _bf16_compute(device, mixed_precision):
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            mp = MixedPrecisionPolicy()
+        blocks = list(getattr(transformer, "transformer_blocks", [])) + \
+            list(getattr(transformer, "single_transformer_blocks", []))
+        if not blocks:
+            raise TypeError(f"{type(transformer).__name__}: no transformer_blocks / single_transformer_blocks "
+                            "to shard (expected a FLUX transformer)")
+        # FLUX's single-stream blocks return slices of one tensor (views), and the root a reshaped
+        # Linear output; FSDP2 warns that an in-place op on such a view would bypass its
+        # pre-backward hook. Neither diffusers' forward nor Direct-Align modifies them in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPFlux\w*\) returned a view tensor")
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        # Root last: it owns what no block does (embedders, norm_out, proj_out).
+        fully_shard(transformer, mesh=mesh, mp_policy=mp)
+        self.transformer = transformer
+        o = optim_cfg
+        # After sharding, so AdamW's state is allocated per shard (DTensor) and never whole.
+        self.optimizer = build_optimizer(transformer.parameters(), o.lr, o.betas, o.eps, o.weight_decay)
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()  # FSDP2's hooks reduce-scatter (average) each block's gradients
+
+    def step(self, max_grad_norm: float) -> float:
+        """``clip_grad_norm_`` on DTensor gradients computes the norm of the whole gradient (the
+        shard norms are combined by an all-reduce); ``full_tensor()`` makes it a plain float, the
+        same on every rank because every rank receives the one all-reduced value."""
+        return optimizer_step(self.transformer, self.optimizer, max_grad_norm)
+
+    def full_state_dict(self, rank0_only: bool = True) -> dict[str, Tensor]:
+        """Collective. Rank 0 (every rank with ``rank0_only=False``) gets the full CPU fp32 state;
+        the others an empty dict. Gathered one tensor at a time, so accelerator memory holds at
+        most one full parameter beyond the shards."""
+        from torch.distributed.tensor import DTensor
+
+        keep = not rank0_only or _is_rank0()
+        out: dict[str, Tensor] = {}
+        for name, value in self.transformer.state_dict().items():
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            if keep:
+                out[name] = _to_cpu_fp32(full)
+        return out
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Every rank passes the same full state; each copies its own shard in place (no
+        communication, and the optimizer keeps its parameters)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        _check_keys(state, list(self.transformer.state_dict()))
+        named = dict(self.transformer.named_parameters())
+        named.update(dict(self.transformer.named_buffers()))
+        for name, target in named.items():
+            if name not in state:  # a non-persistent buffer
+                continue
+            src = state[name].to(device=target.device, dtype=target.dtype)
+            if isinstance(target, DTensor):
+                # src_data_rank=None: slice the local copy, as every rank holds the full tensor.
+                shard = distribute_tensor(src, target.device_mesh, target.placements, src_data_rank=None)
+                target.to_local().copy_(shard.to_local())
+            else:
+                target.copy_(src)
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed
+
+
+def _import_deepspeed(device: torch.device):
+    """deepspeed, with its accelerator matching ``device``.
+
+    DeepSpeed picks one accelerator per process when first imported; a CPU learner on a GPU host
+    needs DS_ACCELERATOR=cpu before that. On the CPU, DeepSpeed also JIT-compiles a shared-memory
+    all-reduce extension the first time its communication backend starts (about 30 s and a C++
+    compiler); that kernel serves only ``inference_all_reduce``, never training, so it is skipped.
+    """
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator().device_name()
+    if accel != device.type:
+        raise RuntimeError(f"DeepSpeed's accelerator is {accel!r} but the learner device is {device}; "
+                           f"set DS_ACCELERATOR={device.type} before deepspeed is first imported")
+    if device.type == "cpu":
+        import deepspeed.ops as ds_ops
+
+        ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def deepspeed_config(zero_stage: int, max_grad_norm: float, bf16: bool) -> dict:
+    """The DeepSpeed config of the SRPO learner.
+
+    - ``managed_gradient_accumulation: false`` with 1 accumulation step: every ``engine.backward``
+      only accumulates (the branches of one SRPO step), ``engine.step`` is the boundary that
+      finalises, clips and steps. The default (managed, GAS 1) treats every backward as a boundary
+      and the second branch's gradients overwrite the first's in ZeRO-2 (measured).
+    - bf16: fp32 gradient accumulation and reduction, as FSDP2's reduce_dtype.
+    """
+    cfg: dict = {
+        "train_micro_batch_size_per_gpu": 1,  # required by DeepSpeed; batching is ours
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": {"stage": zero_stage},
+        # torch.optim.AdamW is the single-process optimizer (parity); DeepSpeed calls it "untested".
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        cfg["communication_data_type"] = "fp32"
+    return cfg
+
+
+class DeepSpeedZeroEngine:
+    """DeepSpeed ZeRO-2 (optimizer state and gradients partitioned) or ZeRO-3 (parameters too).
+
+    ``transformer`` is the DeepSpeedEngine (its forward runs ZeRO-3's gathers); the plain module is
+    ``transformer.module``. ``optimizer`` is DeepSpeed's ZeRO optimizer around torch AdamW, whose
+    math is the single-process AdamW's on flat fp32 partitions.
+    """
+
+    def __init__(self, transformer: nn.Module, optim_cfg: OptimConfig, device: torch.device,
+                 mixed_precision: str, activation_checkpointing: bool, zero_stage: int = 2) -> None:
+        if zero_stage not in ZERO_STAGES:
+            raise ValueError(f"learner.zero_stage: got {zero_stage!r}, expected one of {list(ZERO_STAGES)}")
+        _require_process_group("deepspeed")
+        _set_current_device(device)
+        self._ds = _import_deepspeed(device)
+        self.zero_stage = zero_stage
+        transformer = transformer.to(device).train()
+        if activation_checkpointing:
+            _enable_activation_checkpointing(transformer)
+        o = optim_cfg
+        base = build_optimizer(transformer.parameters(), o.lr, o.betas, o.eps, o.weight_decay)
+        config = deepspeed_config(zero_stage, o.max_grad_norm, _bf16_compute(device, mixed_precision))
+        engine, optimizer, _, _ = self._ds.initialize(model=transformer, optimizer=base, config=config,
+                                                      dist_init_required=False)
+        self.transformer = engine
+        self.optimizer = optimizer
+
+    def backward(self, loss: Tensor) -> None:
+        self.transformer.backward(loss)
+        # ZeRO decides "copy or accumulate" into its gradient partitions from a micro-step counter
+        # that it advances at the start of the *next forward*. With all branch forwards before the
+        # backwards (srpo_backward's overlapped remote-reward path), ZeRO-3 would copy every
+        # branch's gradient over the previous one (measured). Advancing it here, right after each
+        # backward, is what the next forward would do; the forward then finds nothing left to do.
+        self.transformer.optimizer.clear_backward_seen_flag()
+
+    def step(self, max_grad_norm: float) -> float:
+        """Finalise the accumulated gradients, clip the global norm, AdamW, zero the gradients.
+
+        The norm is DeepSpeed's global norm (an all-reduce over the partitions), the same on every
+        rank. Its clip factor is max_norm / (norm + 1e-6), as ``clip_grad_norm_``'s.
+        """
+        zero_opt = self.transformer.optimizer
+        if zero_opt.clip_grad != max_grad_norm:  # the config's value is the default; a call may change it
+            zero_opt.clip_grad = max_grad_norm
+        self.transformer.step()
+        norm = self.transformer.get_global_grad_norm()
+        if norm is None:
+            raise RuntimeError("DeepSpeed computed no gradient norm (zero_optimization.compute_grad_norm=false?)")
+        return float(norm)
+
+    def _params_and_buffers(self) -> list[tuple[str, Tensor]]:
+        module = self.transformer.module
+        persistent = set(module.state_dict(keep_vars=True))
+        items = [(n, p) for n, p in module.named_parameters()] + \
+                [(n, b) for n, b in module.named_buffers() if n in persistent]
+        return items
+
+    def full_state_dict(self, rank0_only: bool = True) -> dict[str, Tensor]:
+        """Collective. The fp32 master weights (not the bf16 compute copy), gathered one parameter at a
+        time; rank 0 (every rank with ``rank0_only=False``) keeps them on the CPU, others get {}."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        keep = not rank0_only or _is_rank0()
+        out: dict[str, Tensor] = {}
+        for name, tensor in self._params_and_buffers():
+            full = safe_get_full_fp32_param(tensor) if isinstance(tensor, nn.Parameter) else tensor
+            if full is None:  # a frozen parameter: DeepSpeed keeps no fp32 master for it
+                full = self._gather_param(tensor)
+            if keep:
+                out[name] = _to_cpu_fp32(full.reshape(self._shape(tensor)))
+        return out
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Every rank passes the same full state. Both copies are written: the module parameters
+        (what the forward reads; ZeRO-3 re-partitions them from rank 0) and the fp32 master
+        partitions in the optimizer (what the next step updates)."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        items = self._params_and_buffers()
+        _check_keys(state, [n for n, _ in items])
+        for name, tensor in items:
+            src = state[name]
+            if isinstance(tensor, nn.Parameter) and hasattr(tensor, "ds_id"):  # ZeRO-3 partitioned
+                with self._ds.zero.GatheredParameters([tensor], modifier_rank=0):
+                    tensor.data.copy_(src.to(device=tensor.device, dtype=tensor.dtype))
+            else:
+                tensor.data.copy_(src.to(device=tensor.device, dtype=tensor.dtype))
+            if isinstance(tensor, nn.Parameter):
+                master = src.to(device=self._master_device(), dtype=torch.float32)
+                safe_set_full_fp32_param(tensor, master)
+
+    # -- small helpers -----------------------------------------------------------------------------
+    def _gather_param(self, p: Tensor) -> Tensor:
+        if hasattr(p, "ds_id"):
+            with self._ds.zero.GatheredParameters([p]):
+                return p.data.clone()
+        return p.data
+
+    @staticmethod
+    def _shape(t: Tensor) -> torch.Size:
+        return t.ds_shape if hasattr(t, "ds_shape") else t.shape
+
+    @staticmethod
+    def _master_device() -> str:
+        from deepspeed.accelerator import get_accelerator
+
+        return get_accelerator().current_device_name()

@@ -1,0 +1,285 @@
+"""Learner engines (pipeline/parallel.py) against the single-process trainer.
+
+- ``single`` is SRPOTrainer's step, bit for bit.
+- FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU processes (gloo) give the single-process update:
+
+      single process : batch [s0, s1], levels [[m0, m1]]  -> srpo_step (clip, AdamW)
+      rank r of 2    : batch [s_r],    levels [[m_r]]     -> engine.backward per branch, engine.step
+
+  The branch loss is a per-sample mean and both engines average gradients across ranks, so the two
+  compute the same gradient, clip it with the same global norm and take the same AdamW step.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CAPTIONS = ["a photo of a cat sitting on a wooden table", "a red sports car parked on a city street at night"]
+LEVELS = (300, 700)  # m for sample 0 (rank 0) and sample 1 (rank 1)
+STEP = 3  # global step: control words "Real" / "Flat"
+WORLD_SIZE = 2
+
+# Each case runs once per strategy in the same two processes; (rtol, atol) bound the parameters
+# after the step. Exact equality is not expected: each rank runs a batch of 1 where the reference
+# runs a batch of 2 (other matmul blockings), the gradient mean is a cross-rank reduction instead of
+# the in-batch mean, and the global norm is summed from shard pieces in another order, so gradients
+# differ by float32 rounding (~1e-7 relative).
+# - "default": the tiny preset's optimizer; clip 0.1 is not reached (grad norm ~0.01). AdamW's first
+#   step is lr * g / (|g| + eps) with eps = 1e-8: ~lr * sign(g) for most elements, but for the few
+#   with |g| ~ eps its slope is lr / eps = 3e5, so a 1e-11 rounding difference in such a gradient
+#   moves the parameter by ~3e-6 (measured max 8e-6). atol 5e-5 is 1/60 of the lr-sized update
+#   every other element gets: a gradient of the wrong direction still fails by ~100x. The grad
+#   norm (rtol 1e-5) checks the gradient's scale.
+# - "clipped": clipping active (max_grad_norm 1e-3 < norm). eps = 1e-4 exceeds every clipped
+#   gradient element, so the step is ~ lr * clip * g / eps, linear in the gradient and well
+#   conditioned (measured max error 1.5e-8 on updates up to 1.2e-3, median 5e-6; rtol 1e-6 allows
+#   a few float32 ulps of the parameter itself): a wrong clip factor (a per-shard norm) or a sum
+#   instead of a mean over ranks would show by orders of magnitude.
+#   This case also starts the engine from other weights and loads the initial ones with
+#   load_full_state_dict, with activation checkpointing on.
+# - "relayed": as "clipped", but the ranks get the reward through the gradient relay with overlap
+#   (srpo_backward runs both branches' forwards before the backwards, as with remote reward
+#   workers); the reference is still the colocated single-process step.
+CLIPPED = dict(max_grad_norm=1e-3, eps=1e-4)
+CASES = {
+    "default": dict(optim={}, load=False, checkpointing=False, relay=False, rtol=1e-5, atol=5e-5),
+    "clipped": dict(optim=CLIPPED, load=True, checkpointing=True, relay=False, rtol=1e-6, atol=1e-7),
+    "relayed": dict(optim=CLIPPED, load=False, checkpointing=False, relay=True, rtol=1e-6, atol=1e-7),
+}
+NORM_RTOL = 1e-5
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _optim(cfg, case: str):
+    return dataclasses.replace(cfg.optim, **CASES[case]["optim"])
+
+
+def _reference_step(tr, batch, initial: dict, case: str) -> tuple[dict, float]:
+    """The single-process step of a case from the initial weights with a fresh AdamW."""
+    from pipeline.srpo_step import build_optimizer, srpo_step
+
+    o = _optim(tr.cfg, case)
+    tr.transformer.load_state_dict(initial)
+    opt = build_optimizer(tr.transformer.parameters(), o.lr, o.betas, o.eps, o.weight_decay)
+    m = srpo_step(tr.adapter, tr.transformer, opt, tr.objective, tr.grid, tr.cfg.srpo, batch, STEP,
+                  torch.Generator(), tr.cfg.data.resolution, tr.cfg.rollout.shift, o.max_grad_norm,
+                  tr.cfg.train.mixed_precision, levels=[list(LEVELS)])
+    return {k: v.detach().clone() for k, v in tr.transformer.state_dict().items()}, m.grad_norm
+
+
+class _OverlappedRelay:
+    """The remote reward's protocol in-process: ``submit`` computes dLoss/dx0_hat on a detached copy
+    (what a reward worker returns), ``collect`` turns it into the relay surrogate. ``overlap = True``
+    makes srpo_backward run every branch's forward before the first backward."""
+
+    overlap = True
+
+    def __init__(self, colocated) -> None:
+        self.colocated = colocated
+
+    def submit(self, x0_hat, req):
+        return self.colocated.loss_grad(x0_hat, req)
+
+    def collect(self, ticket, x0_hat):
+        from pipeline.objective import relay_surrogate
+
+        grad, result = ticket
+        return relay_surrogate(x0_hat, grad), result
+
+
+def _worker(rank: int, world_size: int, port: int, job_path: str) -> None:
+    """One rank: load the tiny world, then every case with every requested engine; save results."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)  # two ranks on two cores
+    from pipeline.config import load_config
+    from pipeline.device import distributed_backend
+    from pipeline.models import TextConditioning, load_adapter
+    from pipeline.objective import ColocatedReward
+    from pipeline.parallel import build_engine
+    from pipeline.srpo_step import StepBatch, grid_from_config, srpo_backward
+    from pipeline.trainer import reward_model_from_config
+
+    job = torch.load(job_path, weights_only=True)
+    cfg = load_config(REPO / "configs/tiny.yaml", job["overrides"])
+    device = torch.device("cpu")
+    dist.init_process_group(distributed_backend(device), rank=rank, world_size=world_size)
+    try:
+        adapter = load_adapter(cfg.model.family, cfg.model.path, device, cfg.model.max_sequence_length,
+                               load_text_encoders=False)  # the text conditioning comes with the batch
+        objective = ColocatedReward(adapter, reward_model_from_config(cfg, device), cfg.data.resolution)
+        grid = grid_from_config(cfg.srpo, cfg.rollout.shift)
+        b = torch.load(job["batch"], weights_only=True)
+        mine = slice(rank, rank + 1)  # this rank's sample
+        batch = StepBatch(x0=b["x0"][mine], eps=b["eps"][mine], captions=[b["captions"][rank]],
+                          cond=TextConditioning(b["prompt_embeds"][mine], b["pooled"][mine], b["text_ids"]))
+        pristine = adapter.transformer
+        initial = {k: v.detach().clone() for k, v in pristine.state_dict().items()}
+        for strategy, zero_stage, tag in job["engines"]:
+            for case, spec in CASES.items():
+                model = copy.deepcopy(pristine)
+                if spec["load"]:
+                    with torch.no_grad():
+                        for p in model.parameters():
+                            p.mul_(-0.5)  # other weights, so a failed load shows
+                optim = dataclasses.replace(cfg.optim, **spec["optim"])
+                engine = build_engine(strategy, model, optim, device, cfg.train.mixed_precision,
+                                      spec["checkpointing"], zero_stage)
+                result = {}
+                if spec["load"]:
+                    engine.load_full_state_dict(initial)
+                    result["loaded"] = engine.full_state_dict()
+                reward = _OverlappedRelay(objective) if spec["relay"] else objective
+                srpo_backward(adapter, engine.transformer, reward, grid, cfg.srpo, batch, STEP, torch.Generator(),
+                              cfg.data.resolution, cfg.rollout.shift, cfg.train.mixed_precision,
+                              levels=[[LEVELS[rank]]], backward=engine.backward)
+                result["grad_norm"] = engine.step(optim.max_grad_norm)
+                result["state"] = engine.full_state_dict()  # rank 0 only; {} elsewhere
+                torch.save(result, Path(job["out"]) / f"{tag}-{case}-rank{rank}.pt")
+                del engine, model
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture()
+def parity(tiny_cfg, tiny_overrides, tmp_path):
+    """The batch of 2 (written for the ranks), the initial weights and the reference step per case."""
+    from pipeline.trainer import SRPOTrainer
+    from pipeline.srpo_step import StepBatch
+
+    overrides = tiny_overrides + ["train.batch_size=2"]
+    torch.manual_seed(0)
+    tr = SRPOTrainer(tiny_cfg("train.batch_size=2"))
+    r = tr.rollout(CAPTIONS, generator=torch.Generator().manual_seed(0))
+    batch_path = tmp_path / "batch.pt"
+    torch.save({"x0": r.x0, "eps": r.eps, "captions": list(r.captions), "prompt_embeds": r.cond.prompt_embeds,
+                "pooled": r.cond.pooled, "text_ids": r.cond.text_ids}, batch_path)
+    batch = StepBatch(x0=r.x0, eps=r.eps, cond=r.cond, captions=r.captions)
+    initial = {k: v.detach().clone() for k, v in tr.transformer.state_dict().items()}
+    refs = {case: _reference_step(tr, batch, initial, case) for case in CASES}
+    for case, (state, norm) in refs.items():
+        moved = max(float((state[k] - initial[k]).abs().max()) for k in state)
+        assert moved > 20 * CASES[case]["atol"], f"{case}: the step must move the weights far beyond the tolerance"
+        if CASES[case]["optim"].get("max_grad_norm"):
+            assert norm > 2 * CASES[case]["optim"]["max_grad_norm"], f"{case}: clipping must be active"
+    return dict(overrides=overrides, batch=str(batch_path), initial=initial, refs=refs, out=tmp_path)
+
+
+def _run_ranks(parity, engines: list[tuple[str, int, str]]) -> None:
+    import torch.multiprocessing as mp
+
+    job_path = parity["out"] / "job.pt"
+    torch.save({"overrides": parity["overrides"], "batch": parity["batch"], "engines": engines,
+                "out": str(parity["out"])}, job_path)
+    mp.spawn(_worker, args=(WORLD_SIZE, _free_port(), str(job_path)), nprocs=WORLD_SIZE, join=True)
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_single_engine_is_the_trainer_step_bit_for_bit(tiny_cfg):
+    from pipeline.parallel import LearnerEngine, build_engine
+    from pipeline.srpo_step import StepBatch, srpo_backward
+    from pipeline.trainer import SRPOTrainer
+
+    cfg = tiny_cfg("train.batch_size=2")
+    torch.manual_seed(0)
+    tr = SRPOTrainer(cfg)
+    engine = build_engine("single", copy.deepcopy(tr.transformer), cfg.optim, tr.device,
+                          cfg.train.mixed_precision, cfg.model.activation_checkpointing)
+    assert isinstance(engine, LearnerEngine)
+    for step in range(2):  # the second step replays AdamW's state too
+        r = tr.rollout(CAPTIONS, generator=torch.Generator().manual_seed(step))
+        levels = [[LEVELS[0] + step, LEVELS[1] - step]]
+        ref = tr.train_step(rollout=r, levels=levels)
+        m = srpo_backward(tr.adapter, engine.transformer, tr.objective, tr.grid, cfg.srpo,
+                          StepBatch(x0=r.x0, eps=r.eps, cond=r.cond, captions=r.captions), step,
+                          torch.Generator(), cfg.data.resolution, cfg.rollout.shift, cfg.train.mixed_precision,
+                          levels=levels, backward=engine.backward)
+        assert engine.step(cfg.optim.max_grad_norm) == ref.grad_norm
+        assert [b["loss"] for b in m.branches] == [b["loss"] for b in ref.branches]
+    state, want = engine.full_state_dict(), tr.transformer.state_dict()
+    assert list(state) == list(want)
+    for k in want:
+        assert state[k].device.type == "cpu" and state[k].dtype == torch.float32
+        assert torch.equal(state[k], want[k]), k
+
+
+def test_single_engine_state_round_trip(tiny_cfg):
+    from diffusers import FluxTransformer2DModel
+
+    from pipeline.parallel import build_engine
+
+    cfg = tiny_cfg()
+    plain = FluxTransformer2DModel.from_pretrained(cfg.model.path, subfolder="transformer")
+    engine = build_engine("single", copy.deepcopy(plain), cfg.optim, torch.device("cpu"), "fp32", False)
+    state = engine.full_state_dict()
+    assert list(state) == list(plain.state_dict())
+    zeros = {k: torch.zeros_like(v) for k, v in state.items()}
+    engine.load_full_state_dict(zeros)
+    assert all(not v.any() for v in engine.transformer.state_dict().values())
+    state["unexpected.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError, match="unexpected.weight"):
+        engine.load_full_state_dict(state)
+
+
+@pytest.mark.parametrize("strategy,zero_stage", [("fsdp2", 2), ("deepspeed", 2), ("deepspeed", 3)],
+                         ids=["fsdp2", "zero2", "zero3"])
+def test_sharded_engine_matches_single_process(parity, strategy, zero_stage):
+    tag = strategy if strategy == "fsdp2" else f"zero{zero_stage}"
+    _run_ranks(parity, [(strategy, zero_stage, tag)])
+    for case in CASES:
+        ranks = [torch.load(parity["out"] / f"{tag}-{case}-rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+        ref_state, ref_norm = parity["refs"][case]
+        if CASES[case]["load"]:
+            # A load followed by a gather is exact: no arithmetic happens on the way.
+            loaded = ranks[0]["loaded"]
+            assert list(loaded) == list(parity["initial"])
+            for k, v in parity["initial"].items():
+                assert torch.equal(loaded[k], v), f"{tag}/{case}: load_full_state_dict + full_state_dict changed {k}"
+        norms = [r["grad_norm"] for r in ranks]
+        assert all(isinstance(n, float) for n in norms)
+        assert norms[0] == norms[1], f"{tag}/{case}: ranks report different grad norms {norms}"
+        assert norms[0] == pytest.approx(ref_norm, rel=NORM_RTOL), f"{tag}/{case}: grad norm"
+        state = ranks[0]["state"]
+        assert ranks[1]["state"] == {}, "full_state_dict is rank 0's by default"
+        assert list(state) == list(ref_state), f"{tag}/{case}: keys differ from the plain diffusers state dict"
+        rtol, atol = CASES[case]["rtol"], CASES[case]["atol"]
+        for k, want in ref_state.items():
+            assert state[k].dtype == torch.float32 and state[k].device.type == "cpu"
+            where = f"{tag}/{case}/{k}"
+            torch.testing.assert_close(state[k], want, rtol=rtol, atol=atol, msg=lambda m, where=where: f"{where}: {m}")
+
+
+def test_bad_strategy_and_missing_process_group(tiny_cfg):
+    import torch.nn as nn
+
+    from pipeline.parallel import build_engine
+
+    cfg = tiny_cfg()
+    with pytest.raises(ValueError, match="learner.strategy"):
+        build_engine("ddp", nn.Linear(2, 2), cfg.optim, torch.device("cpu"), "fp32", False)
+    with pytest.raises(RuntimeError, match="process group"):
+        build_engine("fsdp2", nn.Linear(2, 2), cfg.optim, torch.device("cpu"), "fp32", False)
+    with pytest.raises(ValueError, match="zero_stage"):
+        build_engine("deepspeed", nn.Linear(2, 2), cfg.optim, torch.device("cpu"), "fp32", False, zero_stage=1)
