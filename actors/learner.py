@@ -118,20 +118,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t2 = time.perf_counter()
         timings["time/learner_s"] = t2 - t1
         timings["time/reward_wait_s"] = float(getattr(objective, "reward_wait_s", 0.0))
+        # Rollout quality as the reward sees it (reward actors when remote), at the mid-grid k.
+        scored = objective.score_many(x0, captions, metrics.pos_word, metrics.neg_word,
+                                      float(grid.d_pos[grid.N // 2]), form=cfg.srpo.srp_form)
+        sync: dict[str, float] = {}
         if store is not None:
-            state = engine.full_state_dict()
+            state = engine.full_state_dict()  # collective: every rank takes part
             if rank == 0:
                 sync = publish_state(store, step + 1, state)
-                timings["time/weight_publish_s"] = sync["weight_sync/publish_s"]
-                timings["weight_sync/bytes"] = sync["weight_sync/bytes"]
         flat = metrics.flat()
         flat.pop("grad_norm")
         flat.update(timings)
+        flat.update({f"rollout/{k}": v for k, v in scored.items()})
         flat["policy_lag/max"] = float(max(lag))
         flat["policy_lag/mean"] = float(np.mean(lag))
-        flat = _reduce_mean(flat, device)
+        flat = _reduce_mean(flat, device)  # same keys on every rank: one all_reduce
         # The max lag must be the max over ranks, not the mean.
         flat["policy_lag/max"] = _reduce_max(float(max(lag)), device)
+        if sync:  # rank 0 alone publishes
+            flat["time/weight_publish_s"] = sync["weight_sync/publish_s"]
+            flat["weight_sync/bytes"] = sync["weight_sync/bytes"]
         flat["grad_norm"] = metrics.grad_norm
         flat["lr"] = float(engine.optimizer.param_groups[0]["lr"]) if engine.optimizer is not None else cfg.optim.lr
         elapsed = time.perf_counter() - start

@@ -17,21 +17,28 @@ from typing import Any
 from pipeline.config import Config
 
 
-def connect_ray(num_cpus: int | None = None) -> None:
+def connect_ray(num_cpus: int | None = None, runtime_env: dict[str, Any] | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`) or start a local one.
 
     A local cluster gets more logical CPUs than cores: Ray Train reserves its workers' CPUs and
-    Ray Data would otherwise have none left for its actor pools on a small machine.
+    Ray Data would otherwise have none left for its actor pools on a small machine. It listens on
+    127.0.0.1 only: Ray binds every interface unless it believes it runs on a laptop, a switch read
+    at import time, so it is set both in the environment (for the raylet and workers) and on the
+    constants module (for this process).
     """
     import ray
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
-                 dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=runtime_env)
+        return
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
+             dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env)
 
 
 def required_cpus(cfg: Config) -> float:
@@ -78,6 +85,10 @@ def run_ray(cfg: Config) -> dict[str, Any]:
 
             loop_config["reward_actors"] = start_reward_actors(cfg)
             actors.extend(loop_config["reward_actors"])
+        from ray.data import DataContext
+
+        # The learner prints one progress line per step; Ray Data's bars would interleave with it.
+        DataContext.get_current().enable_progress_bars = False
         dataset = build_dataset(cfg, store)
         trainer = TorchTrainer(
             train_loop_per_worker,

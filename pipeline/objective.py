@@ -103,6 +103,16 @@ class ColocatedReward:
     def surrogate(self, x0_hat: Tensor, req: RewardRequest) -> tuple[Tensor, BranchResult]:
         return self.loss(x0_hat, req)
 
+    @torch.no_grad()
+    def score_many(self, latents: Tensor, captions: list[str], pos_word: str, neg_word: str, k: float,
+                   form: str = "reference") -> dict[str, float]:
+        """SRP of decoded latents (no gradient): rollout metrics, same return as RemoteReward.score_many."""
+        images = self.adapter.decode(latents, self.resolution)
+        k_t = torch.full((len(captions),), float(k), device=images.device)
+        srp = semantic_relative_preference(self.reward_model, images, captions, pos_word, neg_word, k_t, form=form)
+        return {"reward": float(srp.reward.mean()), "pos_score": float(srp.pos_score.mean()),
+                "neg_score": float(srp.neg_score.mean())}
+
     def loss_grad(self, x0_hat: Tensor, req: RewardRequest) -> tuple[Tensor, BranchResult]:
         """dLoss/dx0_hat for a detached x0_hat: what a remote reward worker returns."""
         leaf = x0_hat.detach().requires_grad_(True)

@@ -53,13 +53,15 @@ def tiny_cfg(tiny_overrides):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray cluster for the session: 8 logical CPUs on 2 cores (Train reserves its workers'
-    CPUs; Ray Data needs some left for its actor pools), no dashboard, loopback only."""
+    """One local Ray cluster for the session, started by the product's own connect_ray: 8 logical
+    CPUs on 2 cores (Train reserves its workers' CPUs; Ray Data needs some for its actor pools),
+    no dashboard, bound to 127.0.0.1."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-                                           "DIFFUSERS_VERBOSITY": "error"}})
+    from pipeline.driver import connect_ray
+
+    connect_ray(num_cpus=8, runtime_env={"env_vars": {
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}})
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
     yield ray
     ray.shutdown()

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402
 
 from actors.reward import RemoteReward, RewardWorker, start_reward_actors, worker_kwargs  # noqa: E402
 from pipeline.direct_align import direct_align, plan_branches  # noqa: E402
@@ -30,26 +30,11 @@ LEVELS = [[300, 700]]  # m per sample (one injection), explicit so both runs see
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray for this module, bound to 127.0.0.1; actor pools are cached in the yielded dict.
-
-    Ray binds every interface unless it thinks it is on a laptop; its loopback switch is read at
-    import time, so it is set on the constants module as well as in the environment.
-    """
-    import ray._private.ray_constants as ray_constants
-
-    owner = not ray.is_initialized()  # a session-wide cluster from elsewhere is reused, not stopped
-    with pytest.MonkeyPatch.context() as mp:
-        if owner:
-            mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-            ray.init(num_cpus=8, include_dashboard=False)
-            assert ray.util.get_node_ip_address() == "127.0.0.1"
-        pools: dict = {}
-        yield pools
-        pools.clear()
-        if owner:
-            ray.shutdown()
+def ray_cluster(ray_local):
+    """The session's local Ray (tests/conftest.py); actor pools are cached in the yielded dict."""
+    pools: dict = {}
+    yield pools
+    pools.clear()
 
 
 @pytest.fixture()
