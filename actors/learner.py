@@ -154,7 +154,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"[srpo] step {step + 1}/{cfg.train.max_steps} loss {flat['loss']:.4f} "
                   f"reward(denoise) {flat.get('denoise/reward', float('nan')):.4f} "
                   f"lag {flat['policy_lag/max']:.0f} eta {eta:.0f}s", flush=True)
-        ray.train.report({k: float(v) for k, v in flat.items()})
+        last = step + 1 == cfg.train.max_steps
+        every = cfg.train.checkpoint_every
+        if last or (every and (step + 1) % every == 0):
+            _report_with_checkpoint(engine, flat, step)
+        else:
+            ray.train.report({k: float(v) for k, v in flat.items()})
         t_wait = time.perf_counter()
     if run is not None:
         import mlflow
@@ -165,6 +170,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from pipeline.export import save_state_dict
 
         save_state_dict(state, config["export_path"], step=cfg.train.max_steps)
+
+
+def _report_with_checkpoint(engine, flat: dict[str, float], step: int) -> None:
+    """Every rank writes its shards to a local folder and reports it; Ray Train merges the folders
+    into one checkpoint in the run's storage (and prunes old ones, RunConfig.checkpoint_config)."""
+    import json
+    import tempfile
+
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="srpo-ckpt-") as tmp:
+        engine.save_sharded(tmp)
+        if ray.train.get_context().get_world_rank() == 0:
+            with open(f"{tmp}/srpo_state.json", "w") as f:
+                json.dump({"step": step + 1}, f)
+        ray.train.report({k: float(v) for k, v in flat.items()},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _reduce_max(value: float, device: torch.device) -> float:

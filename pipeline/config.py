@@ -129,7 +129,8 @@ class TrainConfig:
     batch_size: int = 1  # prompts per device per optimizer step
     mixed_precision: Literal["fp32", "bf16"] = "bf16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    checkpoint_every: int = 0  # 0 = only at the end
+    checkpoint_every: int = 0  # sharded model + optimizer checkpoint every N steps (0 = only at the end)
+    keep_checkpoints: int = 2  # older checkpoints are pruned
 
 
 @dataclass
@@ -382,6 +383,10 @@ def validate(cfg: Config) -> None:
     _require(o.max_grad_norm > 0, "optim.max_grad_norm", f"got {o.max_grad_norm}, expected > 0")
     _require(cfg.train.max_steps >= 1, "train.max_steps", f"got {cfg.train.max_steps}, expected >= 1")
     _require(cfg.train.batch_size >= 1, "train.batch_size", f"got {cfg.train.batch_size}, expected >= 1")
+    _require(cfg.train.checkpoint_every >= 0, "train.checkpoint_every",
+             f"got {cfg.train.checkpoint_every}, expected >= 0")
+    _require(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints",
+             f"got {cfg.train.keep_checkpoints}, expected >= 1")
     _require(cfg.log.every >= 1, "log.every", f"got {cfg.log.every}, expected >= 1")
     _require(cfg.log.image_every >= 0, "log.image_every", f"got {cfg.log.image_every}, expected >= 0")
     _require(cfg.learner.num_workers >= 0, "learner.num_workers", f"got {cfg.learner.num_workers}, expected >= 0")

@@ -53,7 +53,7 @@ def required_cpus(cfg: Config) -> float:
 
 def run_ray(cfg: Config) -> dict[str, Any]:
     import ray
-    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from actors.learner import train_loop_per_worker
@@ -95,7 +95,8 @@ def run_ray(cfg: Config) -> dict[str, Any]:
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=cfg.learner.num_workers, use_gpu=cfg.learner.use_gpu,
                                          resources_per_worker={"CPU": cfg.learner.num_cpus}),
-            run_config=RunConfig(name=f"srpo-{run.run_id[:8]}", storage_path=str(out / "ray")),
+            run_config=RunConfig(name=f"srpo-{run.run_id[:8]}", storage_path=str(out / "ray"),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
             datasets={"train": dataset},
             dataset_config=DataConfig(execution_options=ingest_options()),
         )
@@ -105,7 +106,7 @@ def run_ray(cfg: Config) -> dict[str, Any]:
             run.log_artifact(export, "transformer")
         status = "FINISHED"
         return {"run_id": run.run_id, "tracking_uri": default_tracking_uri(cfg), "export": str(export),
-                "metrics": dict(result.metrics or {})}
+                "checkpoint": result.checkpoint.path if result.checkpoint else None}
     finally:
         run.end(status)
         for a in actors:

@@ -61,6 +61,8 @@ class LearnerEngine(Protocol):
 
     def load_full_state_dict(self, state: dict[str, Tensor]) -> None: ...
 
+    def save_sharded(self, path: str) -> None: ...  # collective: model + optimizer shards of this rank
+
 
 def build_engine(strategy: str, transformer: nn.Module, optim_cfg: OptimConfig, device: torch.device,
                  mixed_precision: str, activation_checkpointing: bool, zero_stage: int = 2) -> LearnerEngine:
@@ -128,6 +130,14 @@ def _check_keys(state: dict[str, Tensor], expected: list[str]) -> None:
                        "diffusers transformer state dict")
 
 
+def _save_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+
+
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -160,6 +170,15 @@ class SingleEngine:
         _check_keys(state, list(self.transformer.state_dict()))
         # In place (assign=False): the optimizer keeps pointing at the same parameters.
         self.transformer.load_state_dict(state)
+
+    def save_sharded(self, path: str) -> None:
+        """Collective: this rank's model and AdamW shards with torch.distributed.checkpoint (DCP).
+
+        Each rank writes its own files into ``path`` (rank 0 also the metadata); the per-rank
+        folders of one step together form one DCP checkpoint, which is how Ray Train's report
+        merges them.
+        """
+        _save_dcp(self.transformer, self.optimizer, path)
 
 
 # ------------------------------------------------------------------------------------------ FSDP2
@@ -217,6 +236,15 @@ class FSDP2Engine:
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()  # FSDP2's hooks reduce-scatter (average) each block's gradients
+
+    def save_sharded(self, path: str) -> None:
+        """Collective: this rank's model and AdamW shards with torch.distributed.checkpoint (DCP).
+
+        Each rank writes its own files into ``path`` (rank 0 also the metadata); the per-rank
+        folders of one step together form one DCP checkpoint, which is how Ray Train's report
+        merges them.
+        """
+        _save_dcp(self.transformer, self.optimizer, path)
 
     def step(self, max_grad_norm: float) -> float:
         """``clip_grad_norm_`` on DTensor gradients computes the norm of the whole gradient (the
@@ -339,6 +367,10 @@ class DeepSpeedZeroEngine:
                                                       dist_init_required=False)
         self.transformer = engine
         self.optimizer = optimizer
+
+    def save_sharded(self, path: str) -> None:
+        """Collective: DeepSpeed's own ZeRO checkpoint (partitioned optimizer state) under ``path``."""
+        self.transformer.save_checkpoint(path, tag="zero")
 
     def backward(self, loss: Tensor) -> None:
         self.transformer.backward(loss)

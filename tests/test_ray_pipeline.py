@@ -1,6 +1,7 @@
 """The Ray pipeline end to end on a local cluster (tiny preset): FSDP2 learners over gloo, rollout
 actors with versioned weights, reward actors with the gradient relay, MLflow from rank 0, and
 recovery from killed actors."""
+import json
 import os
 import signal
 import threading
@@ -30,7 +31,7 @@ def _client(result):
 
 
 def test_end_to_end_two_learners_two_rollout_two_reward_actors(tiny_cfg, ray_local):
-    cfg = tiny_cfg(*FULL, "train.max_steps=4", "log.image_every=2")
+    cfg = tiny_cfg(*FULL, "train.max_steps=4", "log.image_every=2", "train.checkpoint_every=2")
     result = run_ray(cfg)
     client = _client(result)
     run = client.get_run(result["run_id"])
@@ -49,6 +50,14 @@ def test_end_to_end_two_learners_two_rollout_two_reward_actors(tiny_cfg, ray_loc
     images = [a.path for a in client.list_artifacts(run.info.run_id, "rollouts") if a.path.endswith(".png")]
     assert len(images) >= 2, images  # steps 0 and 2
     assert Path(result["export"]).is_file()
+    # The last sharded checkpoint (DCP: metadata + one shard file per learner rank, model and AdamW state).
+    ckpt = Path(result["checkpoint"])
+    assert (ckpt / ".metadata").is_file() and len(list(ckpt.glob("*.distcp"))) == 2
+    assert json.loads((ckpt / "srpo_state.json").read_text()) == {"step": 4}
+    import torch.distributed.checkpoint as dcp
+
+    keys = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    assert any(k.startswith("model.") for k in keys) and any(k.startswith("optim.state.") for k in keys)
 
 
 def _processes(title: str) -> list[int]:

@@ -215,8 +215,14 @@ class FluxAdapter:
 
 
 def _unwrap(module):
-    """The plain module under DDP/FSDP/compile wrappers (for reading its config)."""
-    for attr in ("module", "_orig_mod"):
-        while hasattr(module, attr) and not hasattr(module, "config"):
-            module = getattr(module, attr)
+    """The plain diffusers module under DDP / DeepSpeed / compile wrappers (for reading its config).
+
+    DeepSpeedEngine has a ``config`` of its own (a dict), so look for the diffusers config's
+    ``guidance_embeds`` rather than for any ``config``.
+    """
+    while not hasattr(getattr(module, "config", None), "guidance_embeds"):
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if inner is None:
+            break
+        module = inner
     return module
