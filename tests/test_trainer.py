@@ -37,9 +37,10 @@ def test_thirty_steps_raise_heldout_reward_and_lr_zero_does_not(tiny_cfg):
 
 
 def test_train_job_end_to_end(tiny_overrides, tmp_path):
-    """`python -m jobs.train` on the tiny preset: MLflow run with params, metrics and the export."""
+    """`python -m jobs.train` with the single-process trainer: MLflow run with params, metrics, export."""
     out = tmp_path / "run"
-    overrides = [o for o in tiny_overrides if not o.startswith("output.dir=")] + [f"output.dir={out}", "train.max_steps=3"]
+    overrides = [o for o in tiny_overrides if not o.startswith("output.dir=")] + [f"output.dir={out}", "train.max_steps=3",
+                                                                                   "learner.num_workers=0"]
     proc = subprocess.run([sys.executable, "-m", "jobs.train", "--config", "configs/tiny.yaml", *overrides],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

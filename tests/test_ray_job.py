@@ -1,0 +1,68 @@
+"""`ray job submit` of the README's command against a Ray head started on 127.0.0.1 by the test."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_the_training_job(tiny_overrides, tmp_path):
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               HF_HUB_OFFLINE="1", RAY_AUTH_MODE="token")  # token auth: head and client share ~/.ray/auth_token
+    env.pop("RAY_ADDRESS", None)
+    dash = _free_port()
+    ports = {name: _free_port() for name in ("port", "dashboard-agent-listen-port",
+                                             "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                             "metrics-export-port", "node-manager-port", "object-manager-port")}
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=8",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         *[f"--{k}={v}" for k, v in ports.items()]],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while time.time() < deadline:  # the job server is up once `ray job list` answers
+            if subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                              capture_output=True, timeout=60).returncode == 0:
+                break
+            assert head.poll() is None, head.stdout.read()
+            time.sleep(2)
+        out = tmp_path / "job-run"
+        overrides = [o for o in tiny_overrides if not o.startswith("output.dir=")] + [
+            f"output.dir={out}", "train.max_steps=3", "rollout.steps=4"]
+        # The README's command, verbatim apart from the address and the overrides.
+        proc = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+             "python", "-m", "jobs.train", "--config", "configs/tiny.yaml", *overrides],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        assert "succeeded" in proc.stdout + proc.stderr
+
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+        (exp,) = [e for e in client.search_experiments() if e.name == "srpo-tiny"]
+        (run,) = client.search_runs([exp.experiment_id])
+        assert run.info.status == "FINISHED"
+        assert run.data.params["learner.num_workers"] == "2"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [0, 1, 2]
+        assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
