@@ -37,7 +37,9 @@ def connect_ray(num_cpus: int | None = None, runtime_env: dict[str, Any] | None 
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
+    # address="local": always a new cluster. Without it ray.init attaches to any cluster that
+    # `ray start` left on this machine (/tmp/ray/ray_current_cluster), with other resources.
+    ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
              dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env)
 
 
