@@ -63,13 +63,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     level_generator = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
 
     store = None
+    publisher = None
     if cfg.rollout.placement == "actors":
-        from actors.weights import publish_state
+        from actors.weights import make_publisher
 
         store = config["store"]
         state = engine.full_state_dict()
         if rank == 0:
-            publish_state(store, 0, state)
+            # broadcast: opens the group and queues version 0; nothing here waits for the rollout
+            # actors, which Ray Data only starts once this worker iterates its shard (below).
+            # The last step's samples need version >= max_steps - 1 - max_staleness; newer versions are
+            # recorded but not broadcast (the rollout pool may already be gone).
+            publisher = make_publisher(cfg.rollout.weight_sync, store, state, cfg.rollout.num_actors, device,
+                                       last_version=max(0, cfg.train.max_steps - 1 - cfg.rollout.max_staleness))
+            publisher.publish(0, state)
 
     run = None
     if rank == 0 and config.get("mlflow_run_id"):
@@ -125,7 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if store is not None:
             state = engine.full_state_dict()  # collective: every rank takes part
             if rank == 0:
-                sync = publish_state(store, step + 1, state)
+                sync = publisher.publish(step + 1, state)
         flat = metrics.flat()
         flat.pop("grad_norm")
         flat.update(timings)
@@ -138,6 +145,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if sync:  # rank 0 alone publishes
             flat["time/weight_publish_s"] = sync["weight_sync/publish_s"]
             flat["weight_sync/bytes"] = sync["weight_sync/bytes"]
+            if "weight_sync/broadcast_s" in sync:  # the previous version's broadcast (sender thread)
+                flat["time/weight_broadcast_s"] = sync["weight_sync/broadcast_s"]
         flat["grad_norm"] = metrics.grad_norm
         flat["lr"] = float(engine.optimizer.param_groups[0]["lr"]) if engine.optimizer is not None else cfg.optim.lr
         elapsed = time.perf_counter() - start
@@ -161,6 +170,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report({k: float(v) for k, v in flat.items()})
         t_wait = time.perf_counter()
+    if publisher is not None:
+        publisher.close()
     if run is not None:
         import mlflow
 

@@ -68,7 +68,7 @@ class RolloutStage:
     """
 
     def __init__(self, cfg_dict: dict[str, Any], store) -> None:
-        from actors.weights import WeightSubscriber
+        from actors.weights import make_subscriber
 
         cfg = config_from_dict(cfg_dict)
         self.cfg = cfg
@@ -76,7 +76,8 @@ class RolloutStage:
         self.adapter = load_adapter(cfg.model.family, cfg.model.path, self.device, cfg.model.max_sequence_length,
                                     load_text_encoders=False, load_transformer=True)
         self.adapter.transformer.requires_grad_(False).eval()
-        self.weights = WeightSubscriber(store, self.adapter.transformer)
+        # object_store: pull the newest ref; broadcast: a receiver thread in the learner's broadcast group.
+        self.weights = make_subscriber(cfg.rollout.weight_sync, store, self.adapter.transformer, self.device)
         self.global_batch = cfg.train.batch_size * max(1, cfg.learner.num_workers)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
