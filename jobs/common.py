@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import Config, ConfigError, check_paths, load_config
+from pipeline.config import Config, ConfigError, absolute_paths, check_paths, load_config
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -27,6 +27,7 @@ def prepared_config(args: argparse.Namespace) -> Config:
 
             make_tiny_world(cfg.tiny.dir, seed=cfg.tiny.seed)
         check_paths(cfg)
+        cfg = absolute_paths(cfg)  # workers and actors run elsewhere than this directory
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from e

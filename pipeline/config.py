@@ -425,6 +425,30 @@ def check_paths(cfg: Config) -> None:
         need(cfg.reward.tokenizer_path, "reward.tokenizer_path", "a tokenizer folder", True)
 
 
+def absolute_paths(cfg: Config, base: str | Path | None = None) -> Config:
+    """A copy with every local path made absolute against ``base`` (default: the current directory).
+
+    Ray workers and actors do not run in the driver's directory, so a relative path in a preset
+    (``.cache/srpo-tiny/flux``) must be resolved once, where the user typed it.
+    """
+    root = Path(base) if base is not None else Path.cwd()
+
+    def fix(value: str) -> str:
+        return str((root / value).resolve()) if value and not Path(value).is_absolute() else value
+
+    out = config_from_dict(cfg.to_dict())
+    out.model.path = fix(out.model.path)
+    out.data.prompts = fix(out.data.prompts)
+    out.data.heldout_prompts = fix(out.data.heldout_prompts)
+    out.reward.path = fix(out.reward.path)
+    out.reward.tokenizer_path = fix(out.reward.tokenizer_path)
+    if out.reward.arch.endswith(".json"):  # a config file, not an open_clip model name
+        out.reward.arch = fix(out.reward.arch)
+    out.output.dir = fix(out.output.dir)
+    out.tiny.dir = fix(out.tiny.dir)
+    return out
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(cfg.to_yaml())
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, absolute_paths
 
 
 def connect_ray(num_cpus: int | None = None, runtime_env: dict[str, Any] | None = None) -> None:
@@ -64,6 +64,7 @@ def run_ray(cfg: Config) -> dict[str, Any]:
 
     if cfg.learner.num_workers < 1:
         raise ValueError("learner.num_workers: the Ray pipeline needs >= 1 learner worker")
+    cfg = absolute_paths(cfg)  # Ray workers do not run in this directory
     connect_ray(num_cpus=int(max(8, required_cpus(cfg) + 2)))
     out = Path(cfg.output.dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

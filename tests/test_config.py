@@ -101,3 +101,18 @@ def test_missing_reward_checkpoint_is_named(tiny_cfg, tmp_path):
 def test_flat_params_cover_every_field():
     flat = load_config(REPO / "configs/tiny.yaml").flat()
     assert flat["optim.lr"] == 3e-3 and flat["srpo.d_pos"] == [0.1, 0.25] and "model.path" in flat
+
+
+def test_relative_paths_become_absolute_for_ray_workers(tmp_path):
+    from pipeline.config import absolute_paths
+
+    c = load_config(REPO / "configs/tiny.yaml")
+    assert not Path(c.model.path).is_absolute()
+    a = absolute_paths(c, base=tmp_path)
+    assert a.model.path == str(tmp_path / ".cache/srpo-tiny/flux")
+    assert a.reward.arch == str(tmp_path / ".cache/srpo-tiny/hps/open_clip_config.json")
+    assert a.data.prompts == str(tmp_path / "configs/prompts/tiny_train.txt")
+    assert a.output.dir == str(tmp_path / "runs/tiny")
+    assert c.model.path == ".cache/srpo-tiny/flux", "the input config is not modified"
+    h = absolute_paths(load_config(REPO / "configs/flux_hpsv2.yaml"), base=tmp_path)
+    assert h.reward.arch == "ViT-H-14" and h.model.path == "/mnt/models/FLUX.1-dev"
