@@ -119,7 +119,9 @@ def isolate_ray_cluster() -> dict[str, str]:
     Two things leak between Ray clusters on one machine (observed with Ray 2.60 while another Ray
     cluster with a dashboard ran on this host):
     * ``ray.init()`` without an address joins the cluster named in ``$RAY_TMPDIR/ray_current_cluster``
-      (written by any ``ray start``), and then refuses ``num_cpus``. A private RAY_TMPDIR hides it.
+      (written by any ``ray start``), and then refuses ``num_cpus``. connect_ray now passes
+      address="local", which prevents that; the private RAY_TMPDIR is kept as a second guard and keeps
+      this run's session logs apart from everybody else's.
     * Ray Train V2's PlacementGroupCleaner polls the state API for the controller actor; without a
       dashboard (connect_ray starts none) it falls back to http://localhost:8265. If another cluster's
       dashboard answers there, it reports our controller "not found", the cleaner takes that for dead
@@ -324,7 +326,11 @@ def bench_single(base: list[str], ray_per_device_batch: int) -> dict[str, Any]:
 
     gb = ray_per_device_batch * NUM_LEARNERS
     out_dir = tempfile.mkdtemp(prefix="single-")
-    cfg = load_config(REPO / "configs/tiny.yaml", base + [f"train.batch_size={gb}", f"output.dir={out_dir}"])
+    # The trainer is single-process and colocated by construction; saying so in the config keeps the
+    # recorded summary (and global_batch) truthful whatever the preset's Ray defaults are.
+    cfg = load_config(REPO / "configs/tiny.yaml", base + [
+        f"train.batch_size={gb}", f"output.dir={out_dir}", "learner.num_workers=0",
+        "rollout.placement=colocated", "reward.placement=colocated"])
     torch.manual_seed(cfg.seed)
     t_load = time.perf_counter()
     trainer = SRPOTrainer(cfg)
@@ -349,7 +355,7 @@ def bench_single(base: list[str], ray_per_device_batch: int) -> dict[str, Any]:
     other = [w - s["time/rollout_s"] - s["time/learner_s"] for w, s in zip(walls[1:], splits[1:])]
     split["other_s"] = statistics.median(other)
     result = {
-        "name": "single", "config": run_summary(cfg) | {"learner.num_workers": 0, "torch_threads": torch.get_num_threads()},
+        "name": "single", "config": run_summary(cfg) | {"torch_threads": torch.get_num_threads()},
         "samples_per_s": len(steady) * gb / sum(steady), "samples_per_s_method": "perf_counter in fit(on_step)",
         "step_wall_s": walls, "median_step_s": statistics.median(steady), "time_split_median_s": split,
         "load_s": load_s, "transformer_params": sum(p.numel() for p in trainer.transformer.parameters()),
