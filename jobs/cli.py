@@ -6,6 +6,10 @@ import sys
 
 COMMANDS = {
     "train": "jobs.train",
+    "preprocess": "jobs.preprocess",
+    "export": "jobs.export",
+    "evaluate": "jobs.evaluate",
+    "sample": "jobs.sample",
     "make-tiny": "jobs.make_tiny",
 }
 

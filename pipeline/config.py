@@ -47,11 +47,21 @@ class DataConfig:
     prompts: str = ""  # text file (one prompt per line) or parquet with a `caption` column
     heldout_prompts: str = ""  # optional, for evaluation of the learning signal
     resolution: int = 720  # square images; must be divisible by 16 (VAE /8, then 2x2 patches)
+    # rollout.mode=offline: real images with captions. A folder of images with same-named .txt
+    # captions, or a manifest (.parquet or .jsonl) with `path` (relative to the manifest) and `caption`.
+    images: str = ""
+    # Images whose shorter side is below this are skipped (0 = data.resolution: never upsample).
+    min_image_size: int = 0
+    # The output folder of `srpo preprocess` (parquet of text embeddings). When set, training reads
+    # the captions and embeddings from it and runs no text encoder.
+    prompt_embeddings: str = ""
 
 
 @dataclass
 class RolloutConfig:
-    mode: Literal["online"] = "online"  # "offline" (real images) arrives with the offline issue
+    # online: x0 from rollouts of the current policy; offline: x0 = VAE latent of a real image
+    # (data.images), fresh noise per sample (never shared across ranks, SRPO_SPEC section 1).
+    mode: Literal["online", "offline"] = "online"
     # actors: a separate Ray Data actor pool pulling versioned weights; colocated: the learner's own
     # workers generate with their sharded model (the reference; no weight sync).
     placement: Literal["actors", "colocated"] = "colocated"
@@ -121,6 +131,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 1e-4
     max_grad_norm: float = 0.1
+    # lr(step) = lr * min(1, (step + 1) / warmup_steps); 0 = constant (the reference). A pure function
+    # of the step, so a resumed run continues the schedule exactly.
+    warmup_steps: int = 0
 
 
 @dataclass
@@ -131,6 +144,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = 0  # sharded model + optimizer checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = 2  # older checkpoints are pruned
+    # Ray Train FailureConfig: a crashed learner worker group restarts from the last checkpoint this
+    # many times (-1 = without limit, 0 = fail the run).
+    max_failures: int = 0
 
 
 @dataclass
@@ -141,6 +157,44 @@ class LearnerConfig:
     zero_stage: int = 2  # deepspeed only: 2 or 3
     num_cpus: float = 1.0  # per learner worker
     use_gpu: bool = False
+
+
+@dataclass
+class ScorerConfig:
+    """One reward model used to judge images (evaluation, gold reward): plain scores, not SRP.
+
+    hpsv2: path = HPS_v2.1_compressed.pt, arch = open_clip name or config JSON.
+    pickscore / clip: path = a transformers CLIPModel folder (tokenizer_path optional).
+    aesthetic: path = the LAION aesthetic predictor MLP (.pth state dict), clip_path = the
+    transformers CLIPModel folder of the CLIP ViT-L/14 whose image embeddings it reads.
+    """
+
+    kind: Literal["hpsv2", "pickscore", "clip", "aesthetic"] = "hpsv2"
+    path: str = ""
+    arch: str = "ViT-H-14"
+    tokenizer_path: str = ""
+    clip_path: str = ""
+    name: str = ""  # metric name prefix (default: kind)
+
+
+@dataclass
+class EvalConfig:
+    prompts: str = ""  # held-out prompts ("" = data.heldout_prompts)
+    seed: int = 1234  # generation seeds: seed + prompt index (the same for base and checkpoint)
+    # Sampling as diffusers' FluxPipeline / the authors' inference script: 50 steps, guidance 3.5.
+    steps: int = 50
+    guidance: float = 3.5
+    resolution: int = 0  # 0 = data.resolution
+    batch_size: int = 4
+    scorers: list[ScorerConfig] = field(default_factory=list)  # `srpo evaluate`
+    # During training: a held-out "gold" reward, different from the training reward, scored on full
+    # rollouts of the held-out prompts every `every` steps (0 = never). The best weights by gold score
+    # are exported to <output.dir>/best/; training stops early after `patience` evaluations without
+    # improvement (0 = never stop early).
+    gold: list[ScorerConfig] = field(default_factory=list)
+    every: int = 0
+    patience: int = 0
+    num_prompts: int = 0  # held-out prompts scored during training (0 = all)
 
 
 @dataclass
@@ -177,6 +231,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     tiny: TinyConfig = field(default_factory=TinyConfig)
@@ -394,6 +449,31 @@ def validate(cfg: Config) -> None:
     _require(cfg.rollout.num_actors >= 1, "rollout.num_actors", f"got {cfg.rollout.num_actors}, expected >= 1")
     _require(cfg.rollout.max_staleness >= 0, "rollout.max_staleness",
              f"got {cfg.rollout.max_staleness}, expected >= 0")
+    _require(cfg.data.min_image_size >= 0, "data.min_image_size",
+             f"got {cfg.data.min_image_size}, expected >= 0")
+    _require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", f"got {cfg.optim.warmup_steps}, expected >= 0")
+    _require(cfg.train.max_failures >= -1, "train.max_failures",
+             f"got {cfg.train.max_failures}, expected -1 (no limit) or >= 0")
+    e = cfg.eval
+    _require(e.steps >= 1, "eval.steps", f"got {e.steps}, expected >= 1")
+    _require(e.resolution == 0 or (e.resolution > 0 and e.resolution % 16 == 0), "eval.resolution",
+             f"got {e.resolution}, expected 0 (= data.resolution) or a positive multiple of 16")
+    _require(e.batch_size >= 1, "eval.batch_size", f"got {e.batch_size}, expected >= 1")
+    _require(e.every >= 0, "eval.every", f"got {e.every}, expected >= 0")
+    _require(e.patience >= 0, "eval.patience", f"got {e.patience}, expected >= 0")
+    _require(e.num_prompts >= 0, "eval.num_prompts", f"got {e.num_prompts}, expected >= 0")
+    _require(not e.every or len(e.gold) >= 1, "eval.gold",
+             "eval.every > 0 needs at least one gold scorer (a reward model other than the training reward)")
+    for i, sc in enumerate(e.gold):
+        _require(not (sc.kind == cfg.reward.kind and sc.path == cfg.reward.path), f"eval.gold[{i}]",
+                 f"the gold reward must differ from the training reward ({cfg.reward.kind}:{cfg.reward.path}); "
+                 "a reward the policy optimises cannot detect reward hacking")
+    if cfg.rollout.mode == "offline":
+        _require(bool(cfg.data.images), "data.images",
+                 "rollout.mode=offline needs data.images: an image folder with same-named .txt captions, "
+                 "or a .parquet / .jsonl manifest with path and caption")
+        _require(cfg.learner.num_workers >= 1, "learner.num_workers",
+                 "rollout.mode=offline runs on the Ray pipeline; expected >= 1")
     _require(cfg.reward.num_actors >= 1, "reward.num_actors", f"got {cfg.reward.num_actors}, expected >= 1")
 
 
@@ -423,6 +503,25 @@ def check_paths(cfg: Config) -> None:
         need(cfg.reward.path, "reward.path", f"a transformers CLIPModel folder for {cfg.reward.kind}", True)
     if cfg.reward.tokenizer_path:
         need(cfg.reward.tokenizer_path, "reward.tokenizer_path", "a tokenizer folder", True)
+    if cfg.rollout.mode == "offline":
+        p = Path(cfg.data.images)
+        if not (p.is_dir() or (p.is_file() and p.suffix in (".parquet", ".jsonl"))):
+            raise ConfigError(f"data.images: {cfg.data.images!r} is neither a folder nor a .parquet/.jsonl "
+                              "manifest; expected images with same-named .txt captions or a manifest")
+    if cfg.data.prompt_embeddings:
+        need(cfg.data.prompt_embeddings, "data.prompt_embeddings", "the output folder of `srpo preprocess`", True)
+    if cfg.eval.prompts:
+        need(cfg.eval.prompts, "eval.prompts", "a prompts file", False)
+    for group in ("scorers", "gold"):
+        for i, sc in enumerate(getattr(cfg.eval, group)):
+            where = f"eval.{group}[{i}]"
+            if sc.kind == "hpsv2":
+                need(sc.path, f"{where}.path", "an HPSv2.1 checkpoint file", False)
+            elif sc.kind == "aesthetic":
+                need(sc.path, f"{where}.path", "the LAION aesthetic predictor MLP state dict (.pth)", False)
+                need(sc.clip_path, f"{where}.clip_path", "a transformers CLIPModel folder (CLIP ViT-L/14)", True)
+            else:
+                need(sc.path, f"{where}.path", f"a transformers CLIPModel folder for {sc.kind}", True)
 
 
 def absolute_paths(cfg: Config, base: str | Path | None = None) -> Config:
@@ -444,6 +543,13 @@ def absolute_paths(cfg: Config, base: str | Path | None = None) -> Config:
     out.reward.tokenizer_path = fix(out.reward.tokenizer_path)
     if out.reward.arch.endswith(".json"):  # a config file, not an open_clip model name
         out.reward.arch = fix(out.reward.arch)
+    out.data.images = fix(out.data.images)
+    out.data.prompt_embeddings = fix(out.data.prompt_embeddings)
+    out.eval.prompts = fix(out.eval.prompts)
+    for sc in out.eval.scorers + out.eval.gold:
+        sc.path, sc.tokenizer_path, sc.clip_path = fix(sc.path), fix(sc.tokenizer_path), fix(sc.clip_path)
+        if sc.arch.endswith(".json"):
+            sc.arch = fix(sc.arch)
     out.output.dir = fix(out.output.dir)
     out.tiny.dir = fix(out.tiny.dir)
     return out
