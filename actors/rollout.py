@@ -25,7 +25,9 @@ def noise_seed(cfg: Config, sample_index: int, global_batch: int, per_device_bat
     share_noise_across_ranks (the reference): every rank uses the same noise in a step, so the seed
     depends on the step and the position inside a rank's batch only. Otherwise one seed per sample.
     """
-    if cfg.rollout.share_noise_across_ranks:
+    # Offline mode never shares noise: every rank holds a different real image, and shared noise
+    # would give every rank's sample the same structure (SRPO_SPEC section 1).
+    if cfg.rollout.share_noise_across_ranks and cfg.rollout.mode == "online":
         step, pos = divmod(sample_index, global_batch)
         key = step * per_device_batch + pos % per_device_batch
     else:
@@ -57,6 +59,21 @@ class TextEmbedStage:
         cond = self.adapter.encode_prompts([str(c) for c in batch["caption"]])
         batch["prompt_embeds"] = cond.prompt_embeds.cpu().numpy()
         batch["pooled"] = cond.pooled.cpu().numpy()
+        return batch
+
+
+class EmbeddingLookupStage:
+    """prompt_index -> prompt_embeds, pooled read from the `srpo preprocess` parquet (no text encoder)."""
+
+    def __init__(self, embeddings_dir: str) -> None:
+        self.dir = embeddings_dir
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipeline.embeddings import load_embeddings
+
+        embeds, pooled = load_embeddings(self.dir, [int(i) for i in batch["prompt_index"]])
+        batch["prompt_embeds"] = embeds.float().numpy()
+        batch["pooled"] = pooled.float().numpy()
         return batch
 
 
@@ -97,4 +114,34 @@ class RolloutStage:
         batch["weight_sync_s"] = np.full(n, t1 - t0, dtype=np.float64)
         batch["weight_sync_bytes"] = np.full(n, self.weights.last_sync_bytes, dtype=np.int64)
         batch["rollout_s"] = np.full(n, time.perf_counter() - t1, dtype=np.float64)
+        return batch
+
+
+class ImageEncodeStage:
+    """(path, noise_seed) -> x0 (VAE latent of the real image, normalised, packed), eps: offline mode.
+
+    x0 is the posterior mean of the frozen FLUX VAE (no sampling: the anchor of a file is the same
+    in every epoch); eps is fresh noise per sample, regenerated from its seed.
+    """
+
+    def __init__(self, cfg_dict: dict[str, Any]) -> None:
+        cfg = config_from_dict(cfg_dict)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        self.adapter = load_adapter(cfg.model.family, cfg.model.path, self.device, cfg.model.max_sequence_length,
+                                    load_text_encoders=False, load_transformer=False)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipeline.images import load_image
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        # The pre-flight scan checked every file; one that broke since is an error, not a silent skip.
+        pixels = np.stack([load_image(str(p), cfg.data.resolution, cfg.data.min_image_size) for p in batch["path"]])
+        x0 = self.adapter.encode_images(torch.from_numpy(pixels))
+        eps = draw_eps(self.adapter, [int(s) for s in batch["noise_seed"]], cfg.data.resolution)
+        n = len(batch["path"])
+        batch["x0"] = x0.cpu().numpy()
+        batch["eps"] = eps.cpu().numpy()
+        batch["rollout_s"] = np.full(n, time.perf_counter() - t0, dtype=np.float64)
         return batch

@@ -73,6 +73,16 @@ class WeightStore:
             self._learner_version = max(self._learner_version, version)
             cond.notify_all()
 
+    async def reset(self) -> None:
+        """A (re)started learner group begins a new version sequence at its checkpoint's step: the
+        versions a crashed group published are gone with its weights."""
+        cond = self._condition()
+        async with cond:
+            self._latest = None
+            self._learner_version = 0
+            self._rendezvous = None
+            self._next_rank = 1
+
     async def wait_for(self, min_version: int, timeout_s: float = 600.0) -> PublishedWeights:
         """The newest weights once their version is >= min_version (raises TimeoutError otherwise)."""
         cond = self._condition()

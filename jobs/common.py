@@ -14,9 +14,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-5")
 
 
-def prepared_config(args: argparse.Namespace) -> Config:
+def prepared_config(args: argparse.Namespace, scorers: bool = False) -> Config:
     """Load + validate the config, create the tiny world if the preset asks for it, check paths.
 
+    ``scorers``: also check the paths of ``eval.scorers`` (`srpo evaluate`).
     Errors are printed as one line naming the field and the process exits with status 2, before
     any model or cluster work starts.
     """
@@ -26,7 +27,7 @@ def prepared_config(args: argparse.Namespace) -> Config:
             from pipeline.tiny import make_tiny_world
 
             make_tiny_world(cfg.tiny.dir, seed=cfg.tiny.seed)
-        check_paths(cfg)
+        check_paths(cfg, scorers=scorers)
         cfg = absolute_paths(cfg)  # workers and actors run elsewhere than this directory
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -18,12 +18,27 @@ from jobs.common import add_config_args, prepared_config
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="srpo train", description=__doc__)
     add_config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue a stopped or failed run from its latest checkpoint: the run folder "
+                        "(its output.dir); its config.yaml is used, overrides (e.g. train.max_steps=40) apply on top")
     args = p.parse_args(argv)
+    if args.resume is not None:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file() or not (run_dir / "run.json").is_file():
+            print(f"config error: --resume {run_dir}: expected a run folder with config.yaml and run.json "
+                  "(the output.dir of an earlier `srpo train`)", file=sys.stderr)
+            return 2
+        args.config = str(run_dir / "config.yaml")
+        args.overrides = list(args.overrides) + [f"output.dir={run_dir.resolve()}"]
     cfg = prepared_config(args)
+    if args.resume is not None and cfg.learner.num_workers < 1:
+        print("config error: learner.num_workers: --resume needs the Ray pipeline (>= 1 learner worker); "
+              "the single-process trainer keeps no checkpoints", file=sys.stderr)
+        return 2
     if cfg.learner.num_workers >= 1:
         from pipeline.driver import run_ray
 
-        result = run_ray(cfg)
+        result = run_ray(cfg, resume=args.resume)
         print(f"saved {result['export']}\nmlflow: {result['tracking_uri']} run {result['run_id']}")
         return 0
 

@@ -116,3 +116,121 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{f}: missing; expected a run folder written by `srpo train` "
                                 "(its output.dir, with run.json and config.yaml)")
     return json.loads(f.read_text())
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def strategy_subdir(strategy: str) -> str:
+    return "deepspeed" if strategy == "deepspeed" else "model_optim"
+
+
+def _rng_tensors(level_generator) -> dict[str, Any]:
+    import torch
+
+    out = {"level_generator": level_generator.get_state(), "torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["torch_cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _host_rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def _restore_host_rng(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def write_manifest(folder: str | Path, rank: int) -> Path:
+    """Record every file this rank wrote into ``folder`` (called last: its presence means done)."""
+    folder = Path(folder)
+    files = {}
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder).as_posix()
+        if f.is_file() and not rel.startswith("manifest/"):
+            files[rel] = f.stat().st_size
+    return write_json_atomic(folder / "manifest" / f"rank_{rank}.json", {"files": files})
+
+
+def save_training_checkpoint(folder: str | Path, engine, strategy: str, rank: int, world_size: int,
+                             level_generator, state: dict[str, Any] | None) -> None:
+    """Collective: this rank's part of a checkpoint into ``folder`` (see the module docstring).
+
+    ``state`` is the run state rank 0 writes as srpo_state.json (other ranks pass None). The
+    manifest is written last, after every other file of this rank is complete on disk.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    engine.save_sharded(str(folder / strategy_subdir(strategy)))
+    (folder / "rng").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in _rng_tensors(level_generator).items()},
+              str(folder / "rng" / f"rank_{rank}.safetensors"))
+    write_json_atomic(folder / "rng" / f"rank_{rank}.json", _host_rng_state())
+    if rank == 0:
+        if state is None:
+            raise ValueError("rank 0 must pass the run state (srpo_state.json)")
+        write_json_atomic(folder / STATE_FILE, {**state, "format": FORMAT, "world_size": world_size,
+                                                "strategy": strategy})
+    write_manifest(folder, rank)
+
+
+def load_training_checkpoint(folder: str | Path, engine, strategy: str, rank: int, world_size: int,
+                             level_generator) -> dict[str, Any]:
+    """Collective: restore model, optimizer and this rank's generators; returns srpo_state.json.
+
+    The world size and strategy must match the checkpoint's: the per-rank generator streams (the
+    levels m each rank draws) are only defined for the same ranks.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    state = read_state(folder)
+    if int(state["world_size"]) != world_size:
+        raise ValueError(f"{folder}: written by {state['world_size']} learner workers, resumed with {world_size}; "
+                         "set learner.num_workers to the checkpoint's value")
+    if state["strategy"] != strategy:
+        raise ValueError(f"{folder}: written with learner.strategy={state['strategy']}, resumed with {strategy}")
+    engine.load_sharded(str(Path(folder) / strategy_subdir(strategy)))
+    rng = load_file(str(Path(folder) / "rng" / f"rank_{rank}.safetensors"))
+    level_generator.set_state(rng["level_generator"])
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["torch_cuda"])
+    _restore_host_rng(json.loads((Path(folder) / "rng" / f"rank_{rank}.json").read_text()))
+    return state
+
+
+def ray_snapshot_step(storage_path: str | Path, run_name: str) -> int:
+    """The step of the checkpoint Ray Train will restore for ``run_name`` (0 when none).
+
+    Read from Ray Train's checkpoint-manager snapshot (written when a checkpoint is registered),
+    which is what ``ray.train.get_checkpoint()`` returns after a restart. The snapshot's format is
+    Ray's: if it cannot be read, 0 is returned and the learner skips the rows it has already
+    trained on instead (correct, only slower).
+    """
+    run_root = Path(storage_path) / run_name
+    snap = run_root / "checkpoint_manager_snapshot.json"
+    try:
+        data = json.loads(snap.read_text())
+        if isinstance(data, str):  # pydantic .json() nested as a string
+            data = json.loads(data)
+        name = data["latest_checkpoint_result"]["checkpoint_dir_name"]
+        return int(read_state(run_root / name)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0

@@ -477,8 +477,12 @@ def validate(cfg: Config) -> None:
     _require(cfg.reward.num_actors >= 1, "reward.num_actors", f"got {cfg.reward.num_actors}, expected >= 1")
 
 
-def check_paths(cfg: Config) -> None:
-    """Every model and data path must exist locally: nothing is downloaded at run time."""
+def check_paths(cfg: Config, scorers: bool = False) -> None:
+    """Every model and data path must exist locally: nothing is downloaded at run time.
+
+    ``scorers``: also check ``eval.scorers`` (what `srpo evaluate` loads; training does not). The gold
+    scorers are checked whenever ``eval.every > 0``.
+    """
     def need(value: str, field_name: str, what: str, is_dir: bool) -> None:
         if not value:
             raise ConfigError(f"{field_name}: missing; expected {what}")
@@ -512,7 +516,8 @@ def check_paths(cfg: Config) -> None:
         need(cfg.data.prompt_embeddings, "data.prompt_embeddings", "the output folder of `srpo preprocess`", True)
     if cfg.eval.prompts:
         need(cfg.eval.prompts, "eval.prompts", "a prompts file", False)
-    for group in ("scorers", "gold"):
+    groups = (["scorers"] if scorers else []) + (["gold"] if cfg.eval.every else [])
+    for group in groups:
         for i, sc in enumerate(getattr(cfg.eval, group)):
             where = f"eval.{group}[{i}]"
             if sc.kind == "hpsv2":

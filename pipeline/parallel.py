@@ -63,6 +63,8 @@ class LearnerEngine(Protocol):
 
     def save_sharded(self, path: str) -> None: ...  # collective: model + optimizer shards of this rank
 
+    def load_sharded(self, path: str) -> None: ...  # collective: the inverse of save_sharded
+
 
 def build_engine(strategy: str, transformer: nn.Module, optim_cfg: OptimConfig, device: torch.device,
                  mixed_precision: str, activation_checkpointing: bool, zero_stage: int = 2) -> LearnerEngine:
@@ -138,6 +140,18 @@ def _save_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> 
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
 
 
+def _load_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """Inverse of :func:`_save_dcp`: every rank reads its own shards (DCP reshards if the layout
+    differs) and loads them in place, model and AdamW state both."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -179,6 +193,9 @@ class SingleEngine:
         merges them.
         """
         _save_dcp(self.transformer, self.optimizer, path)
+
+    def load_sharded(self, path: str) -> None:
+        _load_dcp(self.transformer, self.optimizer, path)
 
 
 # ------------------------------------------------------------------------------------------ FSDP2
@@ -245,6 +262,9 @@ class FSDP2Engine:
         merges them.
         """
         _save_dcp(self.transformer, self.optimizer, path)
+
+    def load_sharded(self, path: str) -> None:
+        _load_dcp(self.transformer, self.optimizer, path)
 
     def step(self, max_grad_norm: float) -> float:
         """``clip_grad_norm_`` on DTensor gradients computes the norm of the whole gradient (the
@@ -371,6 +391,14 @@ class DeepSpeedZeroEngine:
     def save_sharded(self, path: str) -> None:
         """Collective: DeepSpeed's own ZeRO checkpoint (partitioned optimizer state) under ``path``."""
         self.transformer.save_checkpoint(path, tag="zero")
+
+    def load_sharded(self, path: str) -> None:
+        """Collective. DeepSpeed reads its own files with torch.load(weights_only=False); they are
+        written by this run's learners, never user data."""
+        load_path, _ = self.transformer.load_checkpoint(path, tag="zero", load_optimizer_states=True,
+                                                        load_lr_scheduler_states=False)
+        if load_path is None:
+            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag 'zero') to resume from")
 
     def backward(self, loss: Tensor) -> None:
         self.transformer.backward(loss)

@@ -7,6 +7,8 @@
   DIR/hps/         HPS_v2.1_compressed.pt ({"state_dict": ...}) + the open_clip model config JSON
   DIR/pickscore/   a transformers CLIPModel folder (PickScore format)
   DIR/clip/        a transformers CLIPModel folder (CLIP format)
+  DIR/aesthetic/   sac+logos+ava1-l14-linearMSE.pth: a LAION aesthetic predictor head (real layout,
+                   input width = the tiny CLIP's projection dim; it reads DIR/clip's embeddings)
 Everything is then loaded back by the same loaders that load FLUX.1-dev and the real rewards.
 
 Two sizes: ``tiny`` (CPU tests, the default run) and ``small`` (a ~60M-parameter FLUX transformer for
@@ -123,9 +125,26 @@ def make_tiny_flux(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Pa
     return out
 
 
+# Bumped whenever the world gains or changes files: a WORLD.json of another version is rebuilt, so a
+# world written by older code is never used with paths it lacks. 2: + aesthetic/.
+WORLD_VERSION = 2
+
+
+def _world_is_current(done: Path, seed: int, size: str) -> bool:
+    """True when WORLD.json marks a finished world of this seed, size and version."""
+    if not done.is_file():
+        return False
+    try:
+        meta = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("seed") == seed and meta.get("size") == size and meta.get("version") == WORLD_VERSION
+
+
 def make_tiny_world(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> dict[str, str]:
     """Write the whole tiny world (idempotent: a finished world is reused); returns its paths."""
-    from rewards.tiny import make_tiny_hf_clip, make_tiny_hps
+    from rewards.aesthetic import AESTHETIC_FILE_NAME
+    from rewards.tiny import make_tiny_aesthetic, make_tiny_hf_clip, make_tiny_hps
 
     root = Path(out_dir)
     done = root / "WORLD.json"
@@ -135,16 +154,20 @@ def make_tiny_world(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> d
         "hps_arch": str(root / "hps" / "open_clip_config.json"),
         "pickscore": str(root / "pickscore"),
         "clip": str(root / "clip"),
+        "aesthetic": str(root / "aesthetic" / AESTHETIC_FILE_NAME),
+        "aesthetic_clip": str(root / "clip"),  # the predictor reads the tiny CLIP's image embeddings
     }
-    if done.is_file() and json.loads(done.read_text()).get("seed") == seed \
-            and json.loads(done.read_text()).get("size") == size:
+    if _world_is_current(done, seed, size):
         return paths
     root.mkdir(parents=True, exist_ok=True)
+    done.unlink(missing_ok=True)  # a rebuild interrupted mid-way must not look finished
     make_tiny_flux(root / "flux", seed=seed, size=size)
     hps = make_tiny_hps(root / "hps", seed=seed)
     paths["hps_checkpoint"], paths["hps_arch"] = str(hps["checkpoint"]), str(hps["arch"])
     make_tiny_hf_clip(root / "pickscore", seed=seed + 1)
-    make_tiny_hf_clip(root / "clip", seed=seed + 2)
+    clip = make_tiny_hf_clip(root / "clip", seed=seed + 2)
+    clip_dim = int(json.loads((Path(clip) / "config.json").read_text())["projection_dim"])
+    paths["aesthetic"] = str(make_tiny_aesthetic(root / "aesthetic", input_dim=clip_dim, seed=seed + 3))
     # Written last: a world interrupted mid-way is rebuilt, never half-used.
-    done.write_text(json.dumps({"seed": seed, "size": size, "paths": paths}, indent=2))
+    done.write_text(json.dumps({"seed": seed, "size": size, "version": WORLD_VERSION, "paths": paths}, indent=2))
     return paths

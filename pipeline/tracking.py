@@ -28,13 +28,21 @@ def _code_version() -> str:
 class MLflowRun:
     """A thin wrapper so trainers log the same way and tests can read the run back."""
 
-    def __init__(self, cfg: Config, run_name: str | None = None) -> None:
+    def __init__(self, cfg: Config, run_name: str | None = None, resume_run_id: str | None = None) -> None:
+        """A new run, or with ``resume_run_id`` the same run continued (``srpo train --resume``):
+        metrics of the resumed steps append to the same history."""
         import mlflow
 
         self.mlflow = mlflow
         Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(default_tracking_uri(cfg))
         mlflow.set_experiment(cfg.log.experiment)
+        if resume_run_id:
+            self.run = mlflow.start_run(run_id=resume_run_id)
+            self.run_id = self.run.info.run_id
+            n = len([k for k in self.run.data.tags if k.startswith("srpo.resumed_")])
+            mlflow.set_tag(f"srpo.resumed_{n + 1}", _code_version())
+            return
         self.run = mlflow.start_run(run_name=run_name or cfg.log.run_name or None)
         self.run_id = self.run.info.run_id
         # MLflow caps a param value at 6000 characters; lists are short here.
@@ -52,6 +60,9 @@ class MLflowRun:
 
     def log_image(self, image: Any, name: str) -> None:
         self.mlflow.log_image(image, name)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        self.mlflow.log_dict(data, name)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path)

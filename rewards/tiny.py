@@ -90,3 +90,23 @@ def make_tiny_hf_clip(out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(str(out), safe_serialization=True)
     build_clip_tokenizer(out)
     return out
+
+
+def make_tiny_aesthetic(out_dir: str | Path, input_dim: int = 32, seed: int = 0) -> Path:
+    """Write a random LAION aesthetic predictor head as ``sac+logos+ava1-l14-linearMSE.pth``.
+
+    The real hidden sizes and key layout (``layers.{0,2,4,6,7}.*``), only the input width shrinks to
+    the tiny CLIP's projection dim, so the file goes through the loader of the released one.
+    Returns the file path.
+    """
+    from rewards.aesthetic import AESTHETIC_FILE_NAME, AestheticMLP
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mlp = AestheticMLP(input_dim)
+    path = out / AESTHETIC_FILE_NAME
+    # A plain state dict, as released (torch.save of model.state_dict()).
+    torch.save({k: v.detach().clone().contiguous() for k, v in mlp.state_dict().items()}, path)
+    return path

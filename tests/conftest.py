@@ -28,17 +28,22 @@ def tiny_world(tmp_path_factory) -> dict[str, str]:
     return make_tiny_world(tmp_path_factory.mktemp("tiny-world"), seed=0)
 
 
-@pytest.fixture()
-def tiny_overrides(tiny_world, tmp_path) -> list[str]:
-    """Overrides that point configs/tiny.yaml at the session's tiny world and a fresh output dir."""
+def world_overrides(tiny_world: dict[str, str], out_dir: Path) -> list[str]:
+    """Overrides that point configs/tiny.yaml at a tiny world and an output dir."""
     root = Path(tiny_world["flux"]).parent
     return [
         f"tiny.dir={root}", f"model.path={tiny_world['flux']}",
         f"reward.path={tiny_world['hps_checkpoint']}", f"reward.arch={tiny_world['hps_arch']}",
         f"data.prompts={REPO / 'configs/prompts/tiny_train.txt'}",
         f"data.heldout_prompts={REPO / 'configs/prompts/tiny_heldout.txt'}",
-        f"output.dir={tmp_path / 'run'}",
+        f"output.dir={out_dir}",
     ]
+
+
+@pytest.fixture()
+def tiny_overrides(tiny_world, tmp_path) -> list[str]:
+    """Overrides that point configs/tiny.yaml at the session's tiny world and a fresh output dir."""
+    return world_overrides(tiny_world, tmp_path / "run")
 
 
 @pytest.fixture()

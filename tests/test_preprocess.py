@@ -1,0 +1,144 @@
+"""`srpo preprocess`: counts, bit-exact embeddings, resume/append, compatibility, atomic parts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.embeddings import (META, check_compatible, contiguous_runs, load_embeddings, part_files, preprocess,
+                                 read_captions, read_embedding_dataset, read_index, unique_captions)
+
+LONG = ("a highly detailed photograph of an old stone lighthouse on a rocky cliff above a stormy sea at dusk, "
+        "with waves crashing against the rocks, seagulls circling the lamp, dramatic clouds lit orange and "
+        "purple by the setting sun, a small fishing boat in the distance, wet reflections on the path, "
+        "wildflowers bending in the wind, and a lonely keeper standing in the doorway holding a lantern "
+        "while a black dog sleeps at his feet beside an old wooden bench")
+LINES = ["a photo of a cat", "", "a dog on a beach", "   ", "a photo of a cat", LONG,
+         "  a dog on a beach  ", "a red car at night", "a bowl of fruit", "a snowy mountain"]
+APPENDED = ["a blue house by a lake", "a photo of a cat", "a green tree in a field"]
+
+
+def _independent_counts(lines: list[str], model_path: str, max_len: int) -> dict[str, int]:
+    """The report's counts, computed here without pipeline.embeddings."""
+    from transformers import AutoTokenizer
+
+    clip = AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer", local_files_only=True)
+    t5 = AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer_2", local_files_only=True)
+    stripped = [x.strip() for x in lines]
+    unique = list(dict.fromkeys(x for x in stripped if x))
+    return {
+        "total_lines": len(lines), "dropped_empty": sum(not x for x in stripped),
+        "dropped_duplicate": sum(bool(x) for x in stripped) - len(unique),
+        "truncated_clip": sum(len(clip(c).input_ids) > 77 for c in unique),
+        "truncated_t5": sum(len(t5(c).input_ids) > max_len for c in unique),
+    }
+
+
+def _reference(model_path: str, max_len: int, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    from pipeline.models.flux import FluxAdapter
+
+    adapter = FluxAdapter.load(model_path, max_sequence_length=max_len, load_text_encoders=True,
+                               load_transformer=False)
+    cond = adapter.encode_prompts(captions)
+    return cond.prompt_embeds, cond.pooled
+
+
+def test_unique_captions_and_runs():
+    assert unique_captions(["a", " a ", "", None, "b", "  "]) == (["a", "b"], 3, 1)
+    runs = contiguous_runs(np.array([2, 3, 5, 6, 7, 10]))
+    assert [(r.start, r.stop) for r in runs] == [(0, 2), (2, 5), (5, 6)]
+
+
+def test_check_compatible_refuses_a_folder_that_is_not_a_preprocess_output(tiny_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.prompt_embeddings.*not a `srpo preprocess` output"):
+        check_compatible(tmp_path, tiny_cfg())
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"data\.prompt_embeddings.*not empty"):
+        preprocess(tiny_cfg(), tmp_path, prompts=Path(__file__), progress=False)
+
+
+def test_preprocess_counts_embeddings_resume_and_append(tiny_cfg, ray_local, tmp_path):
+    from ray.data import DataContext
+
+    cfg = tiny_cfg()
+    model, max_len = cfg.model.path, cfg.model.max_sequence_length
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(LINES) + "\n")
+    out = tmp_path / "emb"
+    unique = list(dict.fromkeys(x.strip() for x in LINES if x.strip()))
+    new = [c for c in APPENDED if c not in unique]
+
+    report = preprocess(cfg, out, prompts=prompts, batch_size=2, num_actors=1, progress=False)
+    expected = _independent_counts(LINES, model, max_len)
+    assert expected["truncated_clip"] == 1 and expected["truncated_t5"] >= 1  # the file exercises both limits
+    assert {k: getattr(report, k) for k in expected} == expected
+    assert (report.already_done, report.encoded) == (0, len(unique))
+    assert report.parts_written == len(part_files(out)) >= 3
+    assert read_captions(out) == unique  # prompt_index = first-occurrence order
+
+    # Bit-identical to the adapter, and the truncation flags of the long prompt are stored.
+    embeds, pooled = load_embeddings(out, list(range(len(unique))))
+    ref_all_embeds, ref_all_pooled = _reference(model, max_len, unique + new)  # one batch: batching must not matter
+    ref_embeds, ref_pooled = ref_all_embeds[:len(unique)], ref_all_pooled[:len(unique)]
+    torch.testing.assert_close(embeds, ref_embeds, rtol=0, atol=0)
+    torch.testing.assert_close(pooled, ref_pooled, rtol=0, atol=0)
+    meta = json.loads((out / META).read_text())
+    assert meta["complete"] and meta["model.max_sequence_length"] == max_len
+    assert meta["shapes"]["prompt_embeds"] == list(ref_embeds.shape[1:])
+    assert meta["shapes"]["pooled"] == list(ref_pooled.shape[1:])
+    import pyarrow.parquet as pq
+
+    stored = pq.read_table([str(f) for f in part_files(out)],
+                           columns=["caption", "clip_truncated", "t5_truncated"]).to_pylist()
+    assert [r["caption"] for r in stored if r["clip_truncated"]] == [LONG]
+    assert sum(r["t5_truncated"] for r in stored) == expected["truncated_t5"]
+
+    # Ray Data reads the rows back in prompt_index order as numpy [L, d] / [d].
+    ctx = DataContext.get_current()
+    saved = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        rows = read_embedding_dataset(out).take_all()
+    finally:
+        ctx.execution_options.preserve_order = saved
+    assert [r["prompt_index"] for r in rows] == list(range(len(unique)))
+    assert [r["caption"] for r in rows] == unique
+    assert rows[0]["prompt_embeds"].shape == tuple(ref_embeds.shape[1:]) and rows[0]["pooled"].shape == (
+        ref_pooled.shape[1],)
+    np.testing.assert_array_equal(np.stack([r["prompt_embeds"] for r in rows]), ref_embeds.numpy())
+
+    # A rerun encodes nothing.
+    again = preprocess(cfg, out, prompts=prompts, batch_size=2, num_actors=1, progress=False)
+    assert (again.already_done, again.encoded, again.parts_written) == (len(unique), 0, 0)
+
+    # A killed run: a part never renamed (its *.tmp left behind) and one half-written tmp file.
+    lost = part_files(out)[1]
+    n_lost, first_lost = pq.read_metadata(lost).num_rows, int(lost.name[len("part-"):-len(".parquet")])
+    lost.rename(lost.with_name(lost.name + ".3f2a.tmp"))
+    (out / "part-00000099.parquet.dead.tmp").write_bytes(b"PAR1 half a file")
+    assert len(read_index(out)) == len(unique) - n_lost  # tmp files are never read
+    with pytest.raises(ConfigError, match=rf"data\.prompt_embeddings.*missing prompt_index {first_lost}\b"):
+        read_captions(out)  # positions would no longer be prompt_index
+    with pytest.raises(KeyError, match=rf"prompt_index {first_lost} is not encoded"):
+        load_embeddings(out, [0, first_lost])
+    with prompts.open("a") as f:
+        f.write("\n".join(APPENDED) + "\n")
+    resumed = preprocess(cfg, out, prompts=prompts, batch_size=2, num_actors=1, progress=False)
+    assert resumed.encoded == n_lost + len(new) and resumed.already_done == len(unique) - n_lost
+    assert not list(out.glob("*.tmp"))
+    assert read_captions(out) == unique + new  # the lost prompts kept their indices, new ones come next
+    all_embeds, all_pooled = load_embeddings(out, list(range(len(unique) + len(new))))
+    torch.testing.assert_close(all_embeds, ref_all_embeds, rtol=0, atol=0)
+    torch.testing.assert_close(all_pooled, ref_all_pooled, rtol=0, atol=0)
+
+    # Another T5 length cannot be mixed into this folder, nor trained from it.
+    other = tiny_cfg(f"model.max_sequence_length={max_len // 2}")
+    with pytest.raises(ConfigError, match=r"data\.prompt_embeddings.*model\.max_sequence_length"):
+        preprocess(other, out, prompts=prompts, progress=False)
+    with pytest.raises(ConfigError, match=r"data\.prompt_embeddings.*model\.max_sequence_length"):
+        check_compatible(out, other)
+    assert check_compatible(out, cfg)["complete"]
