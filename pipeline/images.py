@@ -153,10 +153,13 @@ def load_image(path: str | Path, resolution: int, min_size: int = 0) -> np.ndarr
     w, h = rgb.size
     if min(w, h) < min_size:
         raise ImageSkip("too_small", f"{path}: {w}x{h}, shorter side below {min_size}")
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    rgb = rgb.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=None)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    # torchvision's Resize(int) / CenterCrop arithmetic: long side int(R * long / short), offsets rounded.
+    if w <= h:
+        nw, nh = resolution, int(resolution * h / w)
+    else:
+        nw, nh = int(resolution * w / h), resolution
+    rgb = rgb.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = int(round((nw - resolution) / 2.0)), int(round((nh - resolution) / 2.0))
     rgb = rgb.crop((left, top, left + resolution, top + resolution))
     return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
 
