@@ -88,6 +88,10 @@ def run_ray(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         raise ValueError("learner.num_workers: the Ray pipeline needs >= 1 learner worker")
     cfg = absolute_paths(cfg)  # Ray workers do not run in this directory
     out = Path(cfg.output.dir).resolve()
+    if cfg.data.prompt_embeddings and cfg.rollout.mode == "online":
+        from pipeline.embeddings import check_compatible
+
+        check_compatible(cfg.data.prompt_embeddings, cfg)  # same encoder, complete: before any cluster work
     previous = read_run(resume) if resume is not None else None
     if previous is None and (out / RUN_FILE).is_file():
         # A new run in the folder of an old one: both stay in MLflow and under ray/, but run.json (what

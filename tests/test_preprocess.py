@@ -142,3 +142,50 @@ def test_preprocess_counts_embeddings_resume_and_append(tiny_cfg, ray_local, tmp
     with pytest.raises(ConfigError, match=r"data\.prompt_embeddings.*model\.max_sequence_length"):
         check_compatible(out, other)
     assert check_compatible(out, cfg)["complete"]
+
+
+def test_training_from_the_parquet_takes_the_same_first_step_as_encoding_on_the_fly(tiny_cfg, ray_local, tmp_path):
+    """The learner's first batch through the Ray Data stream, with and without data.prompt_embeddings,
+    then the learner's SRPO step (colocated rollout and reward) on each: identical, bit for bit."""
+    from actors.rollout import conditioning_from_batch, draw_eps
+    from pipeline.models import load_adapter
+    from pipeline.objective import ColocatedReward
+    from pipeline.rollout import sample_x0
+    from pipeline.srpo_step import StepBatch, build_optimizer, grid_from_config, srpo_step
+    from pipeline.stream import build_dataset, global_batch
+    from pipeline.trainer import reward_model_from_config
+
+    on_the_fly = tiny_cfg("rollout.placement=colocated", "train.max_steps=2")
+    out = tmp_path / "emb"
+    preprocess(on_the_fly, out, progress=False)
+    from_parquet = tiny_cfg("rollout.placement=colocated", "train.max_steps=2", f"data.prompt_embeddings={out}")
+    gb = global_batch(on_the_fly)
+    batches = []
+    for cfg in (on_the_fly, from_parquet):
+        rows = build_dataset(cfg).take(gb)
+        batches.append({k: np.stack([np.asarray(r[k]) for r in rows]) if k in ("prompt_embeds", "pooled")
+                        else [r[k] for r in rows] for k in rows[0]})
+    a, b = batches
+    assert a["caption"] == b["caption"] and a["noise_seed"] == b["noise_seed"]
+    np.testing.assert_array_equal(a["prompt_embeds"], b["prompt_embeds"])
+    np.testing.assert_array_equal(a["pooled"], b["pooled"])
+
+    def first_step(cfg, batch):
+        torch.manual_seed(0)
+        adapter = load_adapter("flux", cfg.model.path, "cpu", cfg.model.max_sequence_length, load_text_encoders=False)
+        cond = conditioning_from_batch(batch, torch.device("cpu"))
+        eps = draw_eps(adapter, [int(s) for s in batch["noise_seed"]], cfg.data.resolution)
+        x0 = sample_x0(adapter, adapter.transformer, eps, cond, cfg.data.resolution, cfg.rollout.steps,
+                       cfg.rollout.shift, cfg.rollout.guidance)
+        o = cfg.optim
+        opt = build_optimizer(adapter.transformer.parameters(), o.lr, o.betas, o.eps, o.weight_decay)
+        objective = ColocatedReward(adapter, reward_model_from_config(cfg, "cpu"), cfg.data.resolution)
+        m = srpo_step(adapter, adapter.transformer, opt, objective, grid_from_config(cfg.srpo, cfg.rollout.shift),
+                      cfg.srpo, StepBatch(x0, eps, cond, list(batch["caption"])), 0,
+                      torch.Generator().manual_seed(7), cfg.data.resolution, cfg.rollout.shift, o.max_grad_norm)
+        return m.flat(), adapter.transformer.state_dict()
+
+    (ma, wa), (mb, wb) = first_step(on_the_fly, a), first_step(from_parquet, b)
+    assert ma == mb
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
