@@ -121,14 +121,17 @@ def test_offline_noise_is_fresh_per_sample_never_shared_across_ranks(tiny_cfg):
     assert len({noise_seed(offline, i, gb, b) for i in range(40)}) == 40  # a new draw every epoch too
 
 
-def test_offline_run_on_photographs_completes_and_logs_skips(ray_local, tiny_cfg, tmp_path):
+def test_offline_run_on_photographs_completes_and_logs_skips(ray_local, tiny_cfg, tiny_world, tmp_path):
+    """Also the gold reward wiring on Ray: scored every step, best weights exported, early stop."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.driver import run_ray
 
     root = make_photo_folder(tmp_path / "photos")
+    gold = json.dumps([{"kind": "pickscore", "path": tiny_world["pickscore"]}])
     cfg = tiny_cfg("rollout.mode=offline", f"data.images={root}", "reward.placement=colocated",
-                   "train.max_steps=3", "log.image_every=0")
+                   "train.max_steps=3", "log.image_every=0", f"eval.gold={gold}", "eval.every=1",
+                   "eval.patience=1", "eval.num_prompts=3")
     result = run_ray(cfg)
     client = MlflowClient(result["tracking_uri"])
     run = client.get_run(result["run_id"])
@@ -138,7 +141,20 @@ def test_offline_run_on_photographs_completes_and_logs_skips(ray_local, tiny_cfg
         assert m[f"data/skipped/{reason}"] == n, reason
     assert m["data/skipped_total"] == sum(EXPECTED_SKIPS.values())
     assert m["data/images_usable"] == len(PHOTOS)
-    assert [h.step for h in client.get_metric_history(result["run_id"], "loss")] == [0, 1, 2]
+    steps = [h.step for h in client.get_metric_history(result["run_id"], "loss")]
+    gold_scores = [h.value for h in sorted(client.get_metric_history(result["run_id"], "gold/score"),
+                                           key=lambda h: h.step)]
+    assert len(gold_scores) == len(steps)  # scored after every step
+    best = json.loads((Path(cfg.output.dir) / "best" / "best.json").read_text())
+    # best.json holds the first maximum of the logged history (step = optimizer steps done).
+    assert best["step"] == gold_scores.index(max(gold_scores)) + 1
+    assert best["gold_score"] == max(gold_scores)
+    stopped = run.data.tags.get("srpo.early_stopped_at_step")
+    if stopped is None:  # patience 1: the run stops at the first evaluation without a new best
+        assert steps == [0, 1, 2] and gold_scores == sorted(gold_scores)
+    else:
+        assert steps == list(range(int(stopped)))
+        assert gold_scores[-1] <= max(gold_scores[:-1])
     listed = json.loads(Path(client.download_artifacts(result["run_id"], "data/skipped_images.json", str(tmp_path)))
                         .read_text())
     assert sorted(Path(s["path"]).name for s in listed["skipped"]) == sorted(
