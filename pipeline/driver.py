@@ -38,15 +38,23 @@ def connect_ray(num_cpus: int | None = None, runtime_env: dict[str, Any] | None 
     import ray._private.ray_constants as ray_constants
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    # Without a dashboard, Ray Train's placement-group cleaner asks http://localhost:8265 whether the
-    # run is alive; another cluster's dashboard there answers "no" and the live run is torn down.
-    # Point it at a closed port (9, discard) unless the user set an address.
-    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
+
     ray_constants.ENABLE_RAY_CLUSTER = False
     # address="local": always a new cluster. Without it ray.init attaches to any cluster that
     # `ray start` left on this machine (/tmp/ray/ray_current_cluster), with other resources.
-    ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
-             dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env)
+    # Without a dashboard, Ray Train's placement-group cleaner asks http://localhost:8265 whether the
+    # run is alive; another cluster's dashboard there answers "no" and the live run is torn down.
+    # The local cluster's processes (started by ray.init, inheriting this environment) get a closed
+    # port (9, discard) unless the user set an address; this process's environment is restored so
+    # that later Ray clients it starts (e.g. `ray job submit`) are not affected.
+    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
+    try:
+        ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
+                 dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env)
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
 
 
 def required_cpus(cfg: Config) -> float:

@@ -52,11 +52,19 @@ def test_end_to_end_two_learners_two_rollout_two_reward_actors(tiny_cfg, ray_loc
     assert Path(result["export"]).is_file()
     # The last sharded checkpoint (DCP: metadata + one shard file per learner rank, model and AdamW state).
     ckpt = Path(result["checkpoint"])
-    assert (ckpt / ".metadata").is_file() and len(list(ckpt.glob("*.distcp"))) == 2
-    assert json.loads((ckpt / "srpo_state.json").read_text()) == {"step": 4}
+    from pipeline.checkpoint import checkpoint_problem
+
+    assert checkpoint_problem(ckpt) is None  # both ranks' manifests, every file complete
+    shards = ckpt / "model_optim"
+    assert (shards / ".metadata").is_file() and len(list(shards.glob("*.distcp"))) == 2
+    state = json.loads((ckpt / "srpo_state.json").read_text())
+    assert state["step"] == 4 and state["world_size"] == 2 and state["strategy"] == "fsdp2"
+    assert state["control_word_phase"]["positive"] == ["Natural-lighting", "Detail", "Detailed", "Real"][4 % 4]
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == [
+        "rank_0.json", "rank_0.safetensors", "rank_1.json", "rank_1.safetensors"]
     import torch.distributed.checkpoint as dcp
 
-    keys = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    keys = set(dcp.FileSystemReader(str(shards)).read_metadata().state_dict_metadata)
     assert any(k.startswith("model.") for k in keys) and any(k.startswith("optim.state.") for k in keys)
 
 
