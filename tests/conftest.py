@@ -66,7 +66,10 @@ def ray_local():
     from pipeline.driver import connect_ray
 
     connect_ray(num_cpus=8, runtime_env={"env_vars": {
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}})
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
+        # After a learner is killed, Ray Train waits this long for the survivors' process group to shut
+        # down (default 30 s; they are blocked in a collective with the dead rank).
+        "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"}})
     assert ray.util.get_node_ip_address() == "127.0.0.1"
     yield ray
     ray.shutdown()

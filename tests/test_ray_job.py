@@ -41,7 +41,10 @@ def test_ray_job_submit_runs_the_training_job(tiny_overrides, tmp_path):
             time.sleep(2)
         out = tmp_path / "job-run"
         overrides = [o for o in tiny_overrides if not o.startswith("output.dir=")] + [
-            f"output.dir={out}", "train.max_steps=3", "rollout.steps=4"]
+            f"output.dir={out}", "train.max_steps=3", "rollout.steps=4",
+            # Colocated: what is tested here is the submission path, not the actor placements (which
+            # test_ray_pipeline covers); fewer actors keep this test to about a minute on 2 cores.
+            "rollout.placement=colocated", "reward.placement=colocated"]
         # The README's command, verbatim apart from the address and the overrides.
         proc = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",

@@ -74,7 +74,10 @@ def test_broadcast_publish_then_every_rollout_actor_holds_the_learner_weights(ti
         ray.kill(store)
 
 
-@pytest.mark.parametrize("max_staleness", [0, 1])
+# Staleness 0 only: the tightest coupling (every rollout waits for the previous step's broadcast);
+# staleness 1 with broadcast ran here too but costs another minute of a 15-minute suite, and the
+# bound itself is tested for 0 and 2 in test_stream.py.
+@pytest.mark.parametrize("max_staleness", [0])
 def test_end_to_end_with_broadcast_weight_sync(tiny_cfg, ray_local, max_staleness):
     import mlflow
 
