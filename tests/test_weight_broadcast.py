@@ -83,6 +83,7 @@ def test_end_to_end_with_broadcast_weight_sync(tiny_cfg, ray_local, max_stalenes
 
     cfg = tiny_cfg("learner.num_workers=2", "rollout.placement=actors", "rollout.num_actors=2",
                    "rollout.weight_sync=broadcast", "train.batch_size=2", "train.max_steps=3", "rollout.steps=2",
+                   "reward.placement=colocated",
                    "log.image_every=0", f"rollout.max_staleness={max_staleness}")
     result = run_ray(cfg)
     client = mlflow.MlflowClient(tracking_uri=result["tracking_uri"])
