@@ -1,7 +1,8 @@
 """Learner engines (pipeline/parallel.py) against the single-process trainer.
 
 - ``single`` is SRPOTrainer's step, bit for bit.
-- FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU processes (gloo) give the single-process update:
+- FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU processes (gloo) give the single-process update,
+  and a save_sharded / load_sharded round trip continues it bit for bit:
 
       single process : batch [s0, s1], levels [[m0, m1]]  -> srpo_step (clip, AdamW)
       rank r of 2    : batch [s_r],    levels [[m_r]]     -> engine.backward per branch, engine.step
@@ -152,6 +153,26 @@ def _worker(rank: int, world_size: int, port: int, job_path: str) -> None:
                               levels=[[LEVELS[rank]]], backward=engine.backward)
                 result["grad_norm"] = engine.step(optim.max_grad_norm)
                 result["state"] = engine.full_state_dict()  # rank 0 only; {} elsewhere
+                if case == "default":
+                    # Resume: save the sharded model + optimizer, load them into an engine built from
+                    # other weights, then take one more identical step with both: bit-identical.
+                    ckpt = Path(job["out"]) / f"ckpt-{tag}"
+                    engine.save_sharded(str(ckpt))
+                    twin_model = copy.deepcopy(pristine)
+                    with torch.no_grad():
+                        for p in twin_model.parameters():
+                            p.mul_(-0.5)
+                    twin = build_engine(strategy, twin_model, optim, device, cfg.train.mixed_precision,
+                                        spec["checkpointing"], zero_stage)
+                    twin.load_sharded(str(ckpt))
+                    for e in (engine, twin):
+                        srpo_backward(adapter, e.transformer, objective, grid, cfg.srpo, batch, STEP + 1,
+                                      torch.Generator(), cfg.data.resolution, cfg.rollout.shift,
+                                      cfg.train.mixed_precision, levels=[[LEVELS[1 - rank]]], backward=e.backward)
+                        e.step(optim.max_grad_norm)
+                    result["continued"] = engine.full_state_dict()
+                    result["resumed"] = twin.full_state_dict()
+                    del twin, twin_model
                 torch.save(result, Path(job["out"]) / f"{tag}-{case}-rank{rank}.pt")
                 del engine, model
     finally:
@@ -265,6 +286,12 @@ def test_sharded_engine_matches_single_process(parity, strategy, zero_stage):
         assert ranks[1]["state"] == {}, "full_state_dict is rank 0's by default"
         assert list(state) == list(ref_state), f"{tag}/{case}: keys differ from the plain diffusers state dict"
         rtol, atol = CASES[case]["rtol"], CASES[case]["atol"]
+        if case == "default":  # save_sharded -> load_sharded -> one more step == the step without a break
+            continued, resumed = ranks[0]["continued"], ranks[0]["resumed"]
+            assert list(resumed) == list(continued)
+            for k, v in continued.items():
+                assert torch.equal(resumed[k], v), f"{tag}: resumed engine differs at {k}"
+            assert any(not torch.equal(continued[k], state[k]) for k in state), f"{tag}: the extra step moved nothing"
         for k, want in ref_state.items():
             assert state[k].dtype == torch.float32 and state[k].device.type == "cpu"
             where = f"{tag}/{case}/{k}"

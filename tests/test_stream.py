@@ -86,7 +86,7 @@ def test_staleness_bound_holds_with_a_slow_learner(tiny_cfg, tiny_world, store, 
         assert batch["step"].tolist() == [step] * global_batch(cfg), "samples arrive at the step they were made for"
         lags += [step - int(v) for v in batch["policy_version"]]
         steps.append(step)
-        time.sleep(1.0)  # a slow learner: rollout actors would run far ahead without flow control
+        time.sleep(0.6)  # a slow learner: rollout actors would run far ahead without flow control
         publish_state(store, step + 1, _perturbed(learner.state_dict(), 0.001, step))
     assert steps == list(range(6))
     assert max(lags) <= max_staleness, lags
