@@ -58,6 +58,13 @@ def test_overrides():
     ("srpo.variant=grpo", "srpo.variant"),
     ("optim.betas=[0.9]", "optim.betas"),
     ("train.max_steps=0", "train.max_steps"),
+    ("rollout.mode=offline", "data.images"),  # offline without images
+    ("rollout.mode=replay", "rollout.mode"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("train.max_failures=-2", "train.max_failures"),
+    ("eval.every=5", "eval.gold"),  # a gold evaluation without a gold scorer
+    ("eval.resolution=100", "eval.resolution"),
+    ("eval.scorers=[{kind: imagereward, path: x}]", "eval.scorers[0].kind"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
@@ -116,3 +123,18 @@ def test_relative_paths_become_absolute_for_ray_workers(tmp_path):
     assert c.model.path == ".cache/srpo-tiny/flux", "the input config is not modified"
     h = absolute_paths(load_config(REPO / "configs/flux_hpsv2.yaml"), base=tmp_path)
     assert h.reward.arch == "ViT-H-14" and h.model.path == "/mnt/models/FLUX.1-dev"
+
+
+def test_offline_and_evaluation_paths_are_checked_when_used(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("rollout.mode=offline", f"data.images={tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match="data.images"):
+        check_paths(cfg)
+    with pytest.raises(ConfigError, match="rollout.mode=offline runs on the Ray pipeline"):
+        tiny_cfg("rollout.mode=offline", "data.images=x", "learner.num_workers=0")
+    scorers = tiny_cfg("eval.scorers=[{kind: aesthetic, path: /nope/mlp.pth, clip_path: /nope/clip}]")
+    check_paths(scorers)  # training does not load eval.scorers
+    with pytest.raises(ConfigError, match=r"eval.scorers\[0\].path"):
+        check_paths(scorers, scorers=True)  # `srpo evaluate` does
+    gold = tiny_cfg("eval.gold=[{kind: pickscore, path: /nope}]", "eval.every=2")
+    with pytest.raises(ConfigError, match=r"eval.gold\[0\].path"):
+        check_paths(gold)
