@@ -38,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.learner.num_workers >= 1:
         from pipeline.driver import run_ray
 
-        result = run_ray(cfg, resume=args.resume)
+        from pipeline.config import ConfigError
+
+        try:
+            result = run_ray(cfg, resume=args.resume)
+        except ConfigError as e:  # found by the driver before training (resume state, offline data)
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
         print(f"saved {result['export']}\nmlflow: {result['tracking_uri']} run {result['run_id']}")
         return 0
 

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, absolute_paths
+from pipeline.config import Config, ConfigError, absolute_paths
 
 
 def connect_ray(num_cpus: int | None = None, runtime_env: dict[str, Any] | None = None) -> None:
@@ -105,6 +105,13 @@ def run_ray(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         # A new run in the folder of an old one: both stay in MLflow and under ray/, but run.json (what
         # --resume, export and evaluate read) now names the new run.
         print(f"[srpo] {out} held run {read_run(out).get('run_id')}; starting a new run there", flush=True)
+    if previous is not None:
+        from pipeline.checkpoint import ray_snapshot_step
+
+        done = ray_snapshot_step(out / "ray", previous["ray_run_name"])
+        if done >= cfg.train.max_steps:
+            raise ConfigError(f"train.max_steps: the run in {out} has already trained {done} steps; "
+                             f"resume with train.max_steps > {done} to train longer")
     images = None
     connect_ray(num_cpus=int(max(8, required_cpus(cfg) + 2)))
     out.mkdir(parents=True, exist_ok=True)

@@ -217,7 +217,7 @@ def _check_batch(batch: dict[str, np.ndarray], resolution: int, min_size: int) -
 def scan_images(source: str | Path, resolution: int, min_size: int = 0, use_ray: bool = True) -> ImageScan:
     """List and decode-check every image (a Ray Data map when ``use_ray``), before training starts.
 
-    Raises ValueError naming ``data.images`` when no image is usable: that is a configuration
+    Raises ConfigError (a ValueError) naming ``data.images`` when no image is usable: that is a configuration
     error, found before any learner or actor starts.
     """
     records, skipped = list_images(source)
@@ -241,7 +241,9 @@ def scan_images(source: str | Path, resolution: int, min_size: int = 0, use_ray:
         skipped += more
     scan = ImageScan(usable, skipped)
     if not usable:
-        raise ValueError(f"data.images: no usable image in {source} ({len(skipped)} skipped: "
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"data.images: no usable image in {source} ({len(skipped)} skipped: "
                          f"{ {k: v for k, v in scan.counts.items() if v} }); expected images of at least "
                          f"{min_size or resolution} px on the shorter side with non-empty captions")
     return scan

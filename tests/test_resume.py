@@ -84,3 +84,5 @@ def test_stop_resume_and_killed_learner_equal_the_uninterrupted_run(reference_ru
     # Pruning: checkpoints at steps 2 and 4 exist in storage order, keep_checkpoints=1 keeps the newest.
     steps = [json.loads((c / "srpo_state.json").read_text())["step"] for c in find_checkpoints(out)]
     assert steps == [4]
+    # Resuming a finished run without more steps is refused before any cluster work.
+    assert train_main(["--resume", str(out)]) == 2
