@@ -156,10 +156,30 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+class _DCPCheckpoints:
+    """save_sharded / load_sharded with torch.distributed.checkpoint, for engines whose module and
+    optimizer DCP understands directly (the plain module, FSDP2's DTensor shards)."""
+
+    transformer: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def save_sharded(self, path: str) -> None:
+        """Collective: this rank's model and AdamW shards with torch.distributed.checkpoint (DCP).
+
+        Each rank writes its own files into ``path`` (rank 0 also the metadata); the per-rank
+        folders of one step together form one DCP checkpoint, which is how Ray Train's report
+        merges them.
+        """
+        _save_dcp(self.transformer, self.optimizer, path)
+
+    def load_sharded(self, path: str) -> None:
+        _load_dcp(self.transformer, self.optimizer, path)
+
+
 # ------------------------------------------------------------------------------------------ single
 
 
-class SingleEngine:
+class SingleEngine(_DCPCheckpoints):
     """No distribution: the module itself, AdamW, ``loss.backward()`` (what SRPOTrainer does)."""
 
     def __init__(self, transformer: nn.Module, optim_cfg: OptimConfig, device: torch.device,
@@ -185,23 +205,11 @@ class SingleEngine:
         # In place (assign=False): the optimizer keeps pointing at the same parameters.
         self.transformer.load_state_dict(state)
 
-    def save_sharded(self, path: str) -> None:
-        """Collective: this rank's model and AdamW shards with torch.distributed.checkpoint (DCP).
-
-        Each rank writes its own files into ``path`` (rank 0 also the metadata); the per-rank
-        folders of one step together form one DCP checkpoint, which is how Ray Train's report
-        merges them.
-        """
-        _save_dcp(self.transformer, self.optimizer, path)
-
-    def load_sharded(self, path: str) -> None:
-        _load_dcp(self.transformer, self.optimizer, path)
-
 
 # ------------------------------------------------------------------------------------------ FSDP2
 
 
-class FSDP2Engine:
+class FSDP2Engine(_DCPCheckpoints):
     """``fully_shard`` per FLUX block, then the root; AdamW on the DTensor shards.
 
     Activation checkpointing uses diffusers' own (``enable_gradient_checkpointing``) rather than
@@ -253,18 +261,6 @@ class FSDP2Engine:
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()  # FSDP2's hooks reduce-scatter (average) each block's gradients
-
-    def save_sharded(self, path: str) -> None:
-        """Collective: this rank's model and AdamW shards with torch.distributed.checkpoint (DCP).
-
-        Each rank writes its own files into ``path`` (rank 0 also the metadata); the per-rank
-        folders of one step together form one DCP checkpoint, which is how Ray Train's report
-        merges them.
-        """
-        _save_dcp(self.transformer, self.optimizer, path)
-
-    def load_sharded(self, path: str) -> None:
-        _load_dcp(self.transformer, self.optimizer, path)
 
     def step(self, max_grad_norm: float) -> float:
         """``clip_grad_norm_`` on DTensor gradients computes the norm of the whole gradient (the
