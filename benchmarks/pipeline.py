@@ -76,7 +76,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DIFFUSERS_VE
 import torch  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.stream import global_batch  # noqa: E402
+from pipeline.ray.stream import global_batch  # noqa: E402
 from pipeline.tiny import make_tiny_world  # noqa: E402
 
 # Mirrors benchmarks/step.py's presets (kept here so this script does not import another benchmark
@@ -394,7 +394,7 @@ def bench_ray(name: str, base: list[str], extra: list[str], root: Path) -> dict[
     """One run_ray, then samples/s and the time split read back from its MLflow run."""
     import mlflow
 
-    from pipeline.driver import required_cpus, run_ray
+    from pipeline.ray.driver import required_cpus, run_ray
 
     out_dir = root / name
     cfg = load_config(REPO / "configs/tiny.yaml", base + extra + [f"output.dir={out_dir}"])
@@ -570,7 +570,7 @@ def main() -> int:
 
     import ray
 
-    from pipeline.driver import connect_ray
+    from pipeline.ray.driver import connect_ray
 
     ray_env = isolate_ray_cluster()
     connect_ray(num_cpus=RAY_LOGICAL_CPUS, runtime_env={"env_vars": ray_env | {

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_preprocess_config(args)
     out = Path(args.out).resolve() if args.out else default_out_dir(cfg).resolve()
 
-    from pipeline.driver import connect_ray
+    from pipeline.ray.driver import connect_ray
     from pipeline.embeddings import preprocess, report_dict
 
     connect_ray()

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
               "the single-process trainer keeps no checkpoints", file=sys.stderr)
         return 2
     if cfg.learner.num_workers >= 1:
-        from pipeline.driver import run_ray
+        from pipeline.ray.driver import run_ray
 
         from pipeline.config import ConfigError
 

@@ -586,7 +586,7 @@ def preprocess(cfg: Config, out_dir: str | Path, prompts: str | Path | None = No
                num_actors: int | None = None, progress: bool = True) -> PreprocessReport:
     """Encode the prompts file into ``out_dir`` (see the module docstring), resuming what is there.
 
-    Ray must be initialised (``pipeline.driver.connect_ray``) when anything is left to encode.
+    Ray must be initialised (``pipeline.ray.driver.connect_ray``) when anything is left to encode.
     Prompts already in the folder (by caption) are skipped; new ones get indices after the largest
     planned one, in first-occurrence order. Prompts the folder holds but the file no longer lists
     are kept (the folder only grows). One run per folder at a time: a run deletes the ``*.tmp``

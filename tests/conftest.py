@@ -63,7 +63,7 @@ def ray_local():
     no dashboard, bound to 127.0.0.1."""
     import ray
 
-    from pipeline.driver import connect_ray
+    from pipeline.ray.driver import connect_ray
 
     connect_ray(num_cpus=8, runtime_env={"env_vars": {
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",

@@ -125,7 +125,7 @@ def test_offline_run_on_photographs_completes_and_logs_skips(ray_local, tiny_cfg
     """Also the gold reward wiring on Ray: scored every step, best weights exported, early stop."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.driver import run_ray
+    from pipeline.ray.driver import run_ray
 
     root = make_photo_folder(tmp_path / "photos")
     gold = json.dumps([{"kind": "pickscore", "path": tiny_world["pickscore"]}])

@@ -152,7 +152,7 @@ def test_training_from_the_parquet_takes_the_same_first_step_as_encoding_on_the_
     from pipeline.objective import ColocatedReward
     from pipeline.rollout import sample_x0
     from pipeline.srpo_step import StepBatch, build_optimizer, grid_from_config, srpo_step
-    from pipeline.stream import build_dataset, global_batch
+    from pipeline.ray.stream import build_dataset, global_batch
     from pipeline.trainer import reward_model_from_config
 
     on_the_fly = tiny_cfg("rollout.placement=colocated", "train.max_steps=2")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.driver import run_ray
+from pipeline.ray.driver import run_ray
 
 FULL = ("learner.num_workers=2", "learner.strategy=fsdp2", "rollout.placement=actors", "rollout.num_actors=2",
         "reward.placement=remote", "reward.num_actors=2", "train.batch_size=2", "rollout.max_staleness=1")

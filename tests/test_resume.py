@@ -37,7 +37,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def reference_run(ray_local, tiny_world, tmp_path_factory):
     from conftest import REPO, world_overrides
     from pipeline.config import load_config
-    from pipeline.driver import run_ray
+    from pipeline.ray.driver import run_ray
 
     out = tmp_path_factory.mktemp("uninterrupted")
     cfg = load_config(REPO / "configs/tiny.yaml", world_overrides(tiny_world, out) + [*COMMON, "train.max_steps=4"])
@@ -54,7 +54,7 @@ def test_stop_resume_and_killed_learner_equal_the_uninterrupted_run(reference_ru
     group from the step-2 checkpoint. Both recoveries in one run keep the suite short."""
     from jobs.train import main as train_main
     from pipeline.checkpoint import find_checkpoints, read_run
-    from pipeline.driver import run_ray
+    from pipeline.ray.driver import run_ray
 
     ref_losses, ref_weights = reference_run
     out = tmp_path / "stopped"

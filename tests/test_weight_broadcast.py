@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from actors.weights import WeightBroadcaster, WeightStore
-from pipeline.driver import run_ray
+from pipeline.ray.driver import run_ray
 from pipeline.models import load_adapter
 
 

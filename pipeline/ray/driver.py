@@ -73,7 +73,7 @@ def _dataset_factory(cfg: Config, store, storage: str, ray_run_name: str, images
     regenerating every earlier sample."""
     def make():
         from pipeline.checkpoint import ray_snapshot_step
-        from pipeline.stream import build_dataset
+        from pipeline.ray.stream import build_dataset
 
         return build_dataset(cfg, store, start_step=ray_snapshot_step(storage, ray_run_name), images=images)
 
@@ -89,7 +89,7 @@ def run_ray(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
 
     from actors.learner import train_loop_per_worker
     from pipeline.checkpoint import RUN_FILE, read_run, write_json_atomic
-    from pipeline.stream import ingest_options
+    from pipeline.ray.stream import ingest_options
     from pipeline.tracking import MLflowRun, default_tracking_uri
 
     if cfg.learner.num_workers < 1:
