@@ -39,7 +39,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import ray
 import torch
+import torch.distributed as dist
+
+from pipeline.device import distributed_backend, synchronize
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,6 @@ def state_nbytes(state: dict[str, torch.Tensor]) -> int:
 
 def publish_state(store, version: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
     """Put a state dict in the object store and publish it; returns bytes and seconds for metrics."""
-    import ray
 
     t0 = time.perf_counter()
     cpu_state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
@@ -152,7 +155,6 @@ class WeightSubscriber:
         self.last_sync_bytes = 0
 
     def refresh(self, min_version: int, timeout_s: float = 600.0) -> int:
-        import ray
 
         t0 = time.perf_counter()
         latest: PublishedWeights = ray.get(self.store.wait_for.remote(min_version, timeout_s))
@@ -177,7 +179,6 @@ IDLE_TIMEOUT_S = 24 * 3600.0  # a receiver waiting for the next version (the lea
 
 def _new_group(backend: str, store, rank: int, world: int, device: torch.device, timeout_s: float):
     """A standalone process group (not registered as, nor touching, the default group)."""
-    import torch.distributed as dist
 
     timeout = timedelta(seconds=timeout_s)
     if backend == "gloo":
@@ -193,7 +194,6 @@ def _new_group(backend: str, store, rank: int, world: int, device: torch.device,
 
 
 def _bcast_opts(timeout_s: float | None = None):
-    import torch.distributed as dist
 
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
@@ -229,10 +229,7 @@ class WeightBroadcaster:
     def __init__(self, store, state: dict[str, torch.Tensor], num_receivers: int, device: torch.device,
                  timeout_s: float = BROADCAST_TIMEOUT_S, host: str | None = None,
                  last_version: int | None = None) -> None:
-        import ray
-        import torch.distributed as dist
 
-        from pipeline.device import distributed_backend
 
         self.store = store
         self.device = device
@@ -310,10 +307,7 @@ class WeightBroadcaster:
             self._cond.notify_all()
 
     def _run(self, prefix: str) -> None:
-        import ray
-        import torch.distributed as dist
 
-        from pipeline.device import synchronize
 
         try:
             t0 = time.perf_counter()
@@ -362,7 +356,6 @@ class BroadcastSubscriber:
 
     def __init__(self, store, module: torch.nn.Module, device: torch.device | None = None,
                  timeout_s: float = BROADCAST_TIMEOUT_S) -> None:
-        import ray
 
         self.store = store
         self.module = module
@@ -374,7 +367,6 @@ class BroadcastSubscriber:
         self.last_load_s = 0.0  # copy from the staging buffer into the module
         info = ray.get(store.join_broadcast.remote(timeout_s))
         self.rank = int(info["rank"])
-        from pipeline.device import distributed_backend
 
         if info["backend"] != distributed_backend(self.device):
             raise RuntimeError(f"weight broadcast: the learner uses {info['backend']} but this rollout actor's "
@@ -398,9 +390,7 @@ class BroadcastSubscriber:
         return self._received
 
     def _run(self, info: dict[str, Any], timeout_s: float) -> None:
-        import torch.distributed as dist
 
-        from pipeline.device import synchronize
 
         try:
             tcp = dist.TCPStore(info["host"], int(info["port"]), int(info["world_size"]), False,
@@ -472,3 +462,34 @@ def make_subscriber(weight_sync: str, store, module: torch.nn.Module, device: to
     if weight_sync == "broadcast":
         return BroadcastSubscriber(store, module, device)
     return WeightSubscriber(store, module)
+
+
+class LearnerWeightSync:
+    """The learner's side of weight sync (the Learner's ``WeightSync``): rank 0 owns the publisher;
+    the other ranks only take part in gathering the full state (a collective on sharded engines)."""
+
+    def __init__(self, cfg, store, rank: int, device: torch.device) -> None:
+        self.cfg, self.store, self.rank, self.device = cfg, store, rank, device
+        self.publisher = None
+
+    def open(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """A new version sequence from the restored step (a crashed group's versions are void), then
+        the current weights as ``version``. broadcast: opens the group and queues the first version;
+        nothing here waits for the rollout actors, which Ray Data only starts once the learner
+        iterates its shard. The last step's samples need version >= max_steps - 1 - max_staleness;
+        newer versions are recorded but not broadcast (the rollout pool may already be gone)."""
+        if self.rank != 0:
+            return
+        cfg = self.cfg
+        ray.get(self.store.reset.remote())
+        self.publisher = make_publisher(cfg.rollout.weight_sync, self.store, state, cfg.rollout.num_actors,
+                                        self.device,
+                                        last_version=max(0, cfg.train.max_steps - 1 - cfg.rollout.max_staleness))
+        self.publisher.publish(version, state)
+
+    def publish(self, version: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        return self.publisher.publish(version, state) if self.publisher is not None else {}
+
+    def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
                 guidance_embeds=True, axes_dims_rope=rope_axes(args.head_dim))
         params = sum(p.numel() for p in transformer.parameters())
         engine = build_engine(args.strategy, transformer, cfg.optim, device, cfg.train.mixed_precision,
-                              checkpointing, args.zero_stage)
+                              checkpointing, args.zero_stage, shard_blocks=adapter.shard_blocks(transformer))
 
         prompts = [line.strip() for line in open(cfg.data.prompts) if line.strip()]
         noise = torch.Generator().manual_seed(0)
@@ -157,8 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
             cond = adapter.encode_prompts(captions)
             eps = adapter.sample_noise(len(captions), cfg.data.resolution, noise)
             engine.transformer.eval()
-            x0 = sample_x0(adapter, engine.transformer, eps, cond, cfg.data.resolution, cfg.rollout.steps,
-                           cfg.rollout.shift, cfg.rollout.guidance, cfg.train.mixed_precision)
+            with engine.gathered_for_inference():  # FSDP2: one all-gather per rollout, not per denoising step
+                x0 = sample_x0(adapter, engine.transformer, eps, cond, cfg.data.resolution, cfg.rollout.steps,
+                               cfg.rollout.shift, cfg.rollout.guidance, cfg.train.mixed_precision)
             engine.transformer.train()
             synchronize(device)
             t1 = time.perf_counter()

@@ -76,7 +76,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DIFFUSERS_VE
 import torch  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.ray.stream import global_batch  # noqa: E402
+from pipeline.sources import global_batch  # noqa: E402
 from pipeline.tiny import make_tiny_world  # noqa: E402
 
 # Mirrors benchmarks/step.py's presets (kept here so this script does not import another benchmark

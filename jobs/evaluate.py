@@ -11,6 +11,9 @@ import argparse
 import sys
 
 from jobs.common import add_config_args, prepared_config
+from pipeline.config import ConfigError
+from pipeline.evaluation import eval_prompts, evaluate
+from pipeline.export import resolve_weights
 
 
 def format_table(report) -> str:
@@ -38,11 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     # intermixed: overrides may come before or after the options
     args = p.parse_intermixed_args(argv)
     cfg = prepared_config(args, scorers=True)  # eval.scorers are loaded here: check their paths too
-
-    from pipeline.config import ConfigError
-    from pipeline.evaluation import eval_prompts, evaluate
-    from pipeline.export import resolve_weights
-
     # Cheap checks first: a wrong --weights or a missing prompts file fails before any model loads.
     try:
         eval_prompts(cfg)

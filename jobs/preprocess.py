@@ -1,6 +1,7 @@
 """``srpo preprocess --config PRESET [key=value ...] [--out DIR] [--prompts FILE] [--batch-size N]``.
 
-Encodes a prompts file once with the frozen text encoders (pipeline/embeddings.py) so that training
+Encodes a prompts file once with the frozen text encoders (pipeline/embeddings.py, run on Ray Data
+by pipeline/ray/preprocess.py) so that training
 can run without them: ``srpo train ... data.prompt_embeddings=DIR``. Rerunning into the same folder
 encodes only the prompts it does not hold yet. It joins the cluster named by RAY_ADDRESS or starts
 a local one; the encoders run in a Ray Data actor pool of ``rollout.num_actors`` actors with
@@ -12,8 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import ray
+
 from jobs.common import add_config_args
 from pipeline.config import Config, ConfigError, absolute_paths, load_config
+from pipeline.embeddings import report_dict
+from pipeline.ray.driver import connect_ray
+from pipeline.ray.preprocess import preprocess
+from pipeline.tiny import make_tiny_world
 
 
 def load_preprocess_config(args: argparse.Namespace) -> Config:
@@ -25,8 +32,6 @@ def load_preprocess_config(args: argparse.Namespace) -> Config:
     try:
         cfg = load_config(args.config, args.overrides)
         if cfg.tiny.enabled:
-            from pipeline.tiny import make_tiny_world
-
             make_tiny_world(cfg.tiny.dir, seed=cfg.tiny.seed)
         if not cfg.model.path or not (Path(cfg.model.path) / "model_index.json").is_file():
             raise ConfigError(f"model.path: {cfg.model.path!r} has no model_index.json; expected a local "
@@ -60,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_preprocess_config(args)
     out = Path(args.out).resolve() if args.out else default_out_dir(cfg).resolve()
 
-    from pipeline.ray.driver import connect_ray
-    from pipeline.embeddings import preprocess, report_dict
-
     connect_ray()
     try:
         report = preprocess(cfg, out, prompts=args.prompts, batch_size=args.batch_size,
@@ -71,8 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     finally:
-        import ray
-
         ray.shutdown()
     for key, value in report_dict(report).items():
         print(f"{key:>18}: {value}")

@@ -18,7 +18,14 @@ import json
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from jobs.common import add_config_args, prepared_config
+from pipeline.data import read_prompts
+from pipeline.device import resolve_device
+from pipeline.export import read_weights, resolve_weights
+from pipeline.models import family_class, load_adapter
+from pipeline.sampling import generate, load_scheduler_config, to_uint8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,8 +53,6 @@ def collect_prompts(items: list[str]) -> list[str]:
     A ``.txt`` / ``.parquet`` name that does not exist is an error, not a prompt: it is a typo far
     more often than a caption.
     """
-    from pipeline.data import read_prompts
-
     prompts: list[str] = []
     for item in items:
         path = Path(item)
@@ -65,24 +70,18 @@ def collect_prompts(items: list[str]) -> list[str]:
 
 def load_transformer_weights(transformer, weights: str, model_path: str) -> str:
     """Load SOURCE into the base transformer in place (strict: every diffusers key, nothing else)."""
-    from pipeline.export import read_weights, resolve_weights
-
     source = resolve_weights(weights, model_path)
     state = read_weights(source)
     try:
         transformer.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{source.path}: weights do not fit the transformer of {model_path} ({e}); "
-                         "expected a FluxTransformer2DModel state dict of that config") from e
+                         "expected a state dict of that transformer config") from e
     return f"{source.kind} {source.path}"
 
 
 def write_image(image, path: Path) -> None:
     """One [3, H, W] image in [0, 1] as PNG, quantised as diffusers' ``numpy_to_pil``."""
-    from PIL import Image
-
-    from pipeline.sampling import to_uint8
-
     tmp = path.with_name(path.name + ".tmp")
     Image.fromarray(to_uint8(image[None])[0]).save(tmp, format="PNG")
     tmp.replace(path)
@@ -102,14 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else cfg.eval.seed
     batch_size = args.batch_size or cfg.eval.batch_size
     mixed_precision = args.mixed_precision or cfg.train.mixed_precision
-    if steps < 1 or batch_size < 1 or resolution % 16:
+    multiple = family_class(cfg.model.family).resolution_multiple
+    if steps < 1 or batch_size < 1 or resolution % multiple:
         print(f"srpo sample: error: steps={steps}, batch_size={batch_size}, resolution={resolution}; expected "
-              "steps >= 1, batch size >= 1 and a resolution divisible by 16", file=sys.stderr)
+              f"steps >= 1, batch size >= 1 and a resolution divisible by {multiple}", file=sys.stderr)
         return 2
-
-    from pipeline.device import resolve_device
-    from pipeline.models import load_adapter
-    from pipeline.sampling import generate, load_scheduler_config
 
     device = resolve_device(cfg.train.device)
     adapter = load_adapter(cfg.model.family, cfg.model.path, device, cfg.model.max_sequence_length)

@@ -5,6 +5,7 @@ A run folder (``output.dir``)::
     run.json                      run_id, tracking_uri, experiment, ray_run_name (written at start)
     config.yaml                   the resolved config of the run
     ray/<ray_run_name>/checkpoint_*/   Ray Train checkpoints (pruned to train.keep_checkpoints)
+    checkpoints/checkpoint_<step>/     the single-process learner's checkpoints (same layout, same pruning)
     transformer/diffusion_pytorch_model.safetensors   the final export
     best/diffusion_pytorch_model.safetensors + best.json   best weights by gold reward (eval.every > 0)
 
@@ -16,7 +17,8 @@ merges the folders of one step into one)::
     model_optim/                  torch.distributed.checkpoint of {"model": ..., "optim": ...}
                                   (strategies single and fsdp2; plain diffusers parameter names)
     deepspeed/                    DeepSpeed's own checkpoint (strategy deepspeed)
-    rng/rank_<r>.safetensors      rank r's generators (levels m, torch CPU, accelerator)
+    rng/rank_<r>.safetensors      rank r's generators (torch CPU, accelerator; levels m in format 1's
+                                  checkpoints: levels are now drawn from per-sample seeds)
     rng/rank_<r>.json             rank r's Python and NumPy generator states
     manifest/rank_<r>.json        {"files": {relative path: size}} of every file rank r wrote,
                                   written last
@@ -30,8 +32,20 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import Config
+from pipeline.schedules import lr_at
+from rewards.srp import control_words
 
 STATE_FILE = "srpo_state.json"
 FORMAT = "srpo-checkpoint/1"
@@ -126,19 +140,15 @@ def strategy_subdir(strategy: str) -> str:
 
 
 def _rng_tensors(level_generator) -> dict[str, Any]:
-    import torch
-
-    out = {"level_generator": level_generator.get_state(), "torch_cpu": torch.get_rng_state()}
+    out = {"torch_cpu": torch.get_rng_state()}
+    if level_generator is not None:
+        out["level_generator"] = level_generator.get_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["torch_cuda"] = torch.cuda.get_rng_state()
     return out
 
 
 def _host_rng_state() -> dict[str, Any]:
-    import random
-
-    import numpy as np
-
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": [version, list(internal), gauss],
@@ -146,10 +156,6 @@ def _host_rng_state() -> dict[str, Any]:
 
 
 def _restore_host_rng(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -174,8 +180,6 @@ def save_training_checkpoint(folder: str | Path, engine, strategy: str, rank: in
     ``state`` is the run state rank 0 writes as srpo_state.json (other ranks pass None). The
     manifest is written last, after every other file of this rank is complete on disk.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     engine.save_sharded(str(folder / strategy_subdir(strategy)))
     (folder / "rng").mkdir(parents=True, exist_ok=True)
@@ -197,9 +201,6 @@ def load_training_checkpoint(folder: str | Path, engine, strategy: str, rank: in
     The world size and strategy must match the checkpoint's: the per-rank generator streams (the
     levels m each rank draws) are only defined for the same ranks.
     """
-    import torch
-    from safetensors.torch import load_file
-
     state = read_state(folder)
     if int(state["world_size"]) != world_size:
         raise ValueError(f"{folder}: written by {state['world_size']} learner workers, resumed with {world_size}; "
@@ -208,7 +209,8 @@ def load_training_checkpoint(folder: str | Path, engine, strategy: str, rank: in
         raise ValueError(f"{folder}: written with learner.strategy={state['strategy']}, resumed with {strategy}")
     engine.load_sharded(str(Path(folder) / strategy_subdir(strategy)))
     rng = load_file(str(Path(folder) / "rng" / f"rank_{rank}.safetensors"))
-    level_generator.set_state(rng["level_generator"])
+    if level_generator is not None and "level_generator" in rng:
+        level_generator.set_state(rng["level_generator"])
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["torch_cuda"])
@@ -234,3 +236,97 @@ def ray_snapshot_step(storage_path: str | Path, run_name: str) -> int:
         return int(read_state(run_root / name)["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
+
+
+# ------------------------------------------------------------------------------------------ run state
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint restores besides the engine's shards and the generators (srpo_state.json).
+
+    ``step`` is the number of optimizer steps done, which is also the data position (a row's
+    content is a function of its sample index) and the lr schedule's position; ``gold`` is the
+    gold reward's best / patience / history.
+    """
+
+    step: int = 0
+    gold: dict[str, Any] | None = None
+    control_word_phase: dict[str, Any] | None = field(default=None, compare=False)
+
+    def to_json(self, cfg: Config, world_size: int) -> dict[str, Any]:
+        pos, neg = control_words(self.step, tuple(cfg.srpo.positive_words), tuple(cfg.srpo.negative_words))
+        gb = cfg.train.batch_size * world_size
+        return {
+            "step": self.step,  # optimizer steps done = the next step to run
+            "model_path": cfg.model.path,
+            "control_word_phase": {"positive": pos, "negative": neg,
+                                   "positive_index": self.step % len(cfg.srpo.positive_words),
+                                   "negative_index": self.step % len(cfg.srpo.negative_words)},
+            "lr_schedule": {"kind": "linear_warmup_constant", "lr": cfg.optim.lr,
+                            "warmup_steps": cfg.optim.warmup_steps,
+                            "next_lr": lr_at(self.step, cfg.optim.lr, cfg.optim.warmup_steps)},
+            "data": {"next_step": self.step, "next_sample_index": self.step * gb, "global_batch": gb,
+                     "mode": cfg.rollout.mode},
+            "gold": self.gold,
+            "seed": cfg.seed,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrainingState":
+        return cls(step=int(data["step"]), gold=data.get("gold"), control_word_phase=data.get("control_word_phase"))
+
+    def check_phase(self, cfg: Config) -> None:
+        """The control words of the next step must be the ones the checkpoint recorded: a changed word
+        list would silently change the SRP objective of a resumed run."""
+        phase = self.control_word_phase
+        if phase is None:
+            return
+        pos, neg = control_words(self.step, tuple(cfg.srpo.positive_words), tuple(cfg.srpo.negative_words))
+        if (pos, neg) != (phase["positive"], phase["negative"]):
+            raise ValueError(f"srpo.positive_words / srpo.negative_words: the checkpoint's next control words are "
+                             f"{phase['positive']!r} / {phase['negative']!r}, the config gives {pos!r} / {neg!r}; "
+                             "resume with the word lists the run started with")
+
+
+# ------------------------------------------------------------------------------------------ local sink
+
+
+class LocalCheckpoints:
+    """Checkpoints of a single-process learner in ``<output.dir>/checkpoints``.
+
+    The same folder layout as a Ray Train checkpoint. A checkpoint is written into a hidden
+    temporary folder and renamed into place, so a crash leaves the previous one intact; the newest
+    ``keep`` complete checkpoints are kept.
+    """
+
+    def __init__(self, root: str | Path, keep: int) -> None:
+        self.root, self.keep = Path(root), keep
+
+    @contextmanager
+    def latest(self) -> Iterator[Path | None]:
+        yield latest_checkpoint(self.root) if self.root.is_dir() else None
+
+    def save(self, step: int, write, metrics: dict[str, float]) -> None:
+        """``write(folder)`` writes this rank's part; ``metrics`` are not needed here (MLflow has them)."""
+        final = self.root / f"checkpoint_{step:06d}"
+        tmp = self.root / f".tmp-checkpoint_{step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in find_checkpoints(self.root)[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def report(self, metrics: dict[str, float]) -> None:
+        pass
+
+
+def run_done_steps(run_dir: str | Path, run: dict[str, Any]) -> int:
+    """Steps an earlier run in ``run_dir`` has checkpointed (0 when none): Ray Train's snapshot for a
+    Ray run, the newest local checkpoint for a single-process run."""
+    if run.get("ray_run_name"):
+        return ray_snapshot_step(Path(run_dir) / "ray", run["ray_run_name"])
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints") if (Path(run_dir) / "checkpoints").is_dir() else None
+    return int(read_state(ckpt)["step"]) if ckpt is not None else 0

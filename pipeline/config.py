@@ -472,8 +472,6 @@ def validate(cfg: Config) -> None:
         _require(bool(cfg.data.images), "data.images",
                  "rollout.mode=offline needs data.images: an image folder with same-named .txt captions, "
                  "or a .parquet / .jsonl manifest with path and caption")
-        _require(cfg.learner.num_workers >= 1, "learner.num_workers",
-                 "rollout.mode=offline runs on the Ray pipeline; expected >= 1")
     _require(cfg.reward.num_actors >= 1, "reward.num_actors", f"got {cfg.reward.num_actors}, expected >= 1")
 
 

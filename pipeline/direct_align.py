@@ -24,6 +24,44 @@ DENOISE = "denoise"
 INVERSION = "inversion"
 
 
+@dataclass(frozen=True)
+class Variant:
+    """An SRPO variant as a strategy, chosen once from ``srpo.variant``.
+
+    branches: the Direct-Align branches of one injection, in reference order (denoise first).
+    loss_kind: "hinge" (relu(margin - R), the reference) or "relative" (-(r_pos - r_neg) * discount).
+    discounted: whether each sample carries the relative discount shift(linspace(0,1,N+1))[m].
+    """
+
+    name: str
+    branches: tuple[str, ...]
+    loss_kind: str
+    discounted: bool = False
+
+    def discount(self, m: list[int], grid: TrainingGrid, shift: float) -> Tensor | None:
+        if not self.discounted:
+            return None
+        return torch.tensor([relative_discount(mi, grid.N, shift) for mi in m], dtype=torch.float64)
+
+
+VARIANTS = {
+    # denoise + inversion branches, hinge loss: the authors' released recipe
+    "reference": Variant("reference", (DENOISE, INVERSION), "hinge"),
+    # the denoise branch alone: the paper's sanity check (reward hacking appears)
+    "denoise_only": Variant("denoise_only", (DENOISE,), "hinge"),
+    # the authors' later (Qwen-Image) recipe: discounted relative reward, denoise branch only
+    "relative_discount": Variant("relative_discount", (DENOISE,), "relative", discounted=True),
+}
+
+
+def variant_named(name: str | Variant) -> Variant:
+    if isinstance(name, Variant):
+        return name
+    if name not in VARIANTS:
+        raise ValueError(f"srpo.variant: got {name!r}, expected one of {sorted(VARIANTS)}")
+    return VARIANTS[name]
+
+
 def _bcast(sigma: Tensor | float, like: Tensor) -> Tensor:
     s = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
     return s.reshape(-1, *([1] * (like.dim() - 1))) if s.dim() else s
@@ -68,20 +106,25 @@ class BranchPlan:
 
 
 def plan_branches(grid: TrainingGrid, m: list[int], pos_word: str, neg_word: str,
-                  variant: str = "reference", injection_weight: float = 1.0,
-                  shift: float = 3.0) -> list[BranchPlan]:
-    """The branches of one noise injection for a batch with per-sample levels ``m``, in reference order."""
+                  variant: str | Variant = "reference", injection_weight: float = 1.0,
+                  shift: float | None = None) -> list[BranchPlan]:
+    """The branches of one noise injection for a batch with per-sample levels ``m``, in reference order.
+
+    ``shift`` (the rollout's time shift) is needed by discounted variants only.
+    """
+    variant = variant_named(variant)
     den = [grid.denoise_sigmas(mi) for mi in m]
     t = lambda vals: torch.tensor(vals, dtype=torch.float64)  # noqa: E731
-    branches = [DENOISE] if variant in ("denoise_only", "relative_discount") else [DENOISE, INVERSION]
-    w = injection_weight / len(branches)
+    w = injection_weight / len(variant.branches)
+    if variant.discounted and shift is None:
+        raise ValueError(f"srpo.variant={variant.name}: the relative discount needs rollout.shift")
     plans = [BranchPlan(
         name=DENOISE,
         sigma_from=t([d[0] for d in den]), sigma_to=t([d[1] for d in den]), k=t([d[2] for d in den]),
         level=t(m), pos_word=pos_word, neg_word=neg_word, weight=w,
-        discount=t([relative_discount(mi, grid.N, shift) for mi in m]) if variant == "relative_discount" else None,
+        discount=variant.discount(m, grid, shift) if variant.discounted else None,
     )]
-    if INVERSION in branches:
+    if INVERSION in variant.branches:
         inv = [grid.inversion_sigmas(mi) for mi in m]
         plans.append(BranchPlan(
             name=INVERSION,
@@ -111,7 +154,8 @@ def draw_levels(grid: TrainingGrid, generator: torch.Generator, batch: int, num_
 
 
 def plan_step(grid: TrainingGrid, levels: list[list[int]], pos_word: str, neg_word: str,
-              variant: str = "reference", injection_discount: float = 1.0, shift: float = 3.0) -> list[BranchPlan]:
+              variant: str | Variant = "reference", injection_discount: float = 1.0,
+              shift: float | None = None) -> list[BranchPlan]:
     """All branches of one optimizer step: injections (noisiest first) x branches (denoise first)."""
     weights = injection_weights(len(levels), injection_discount)
     plans: list[BranchPlan] = []

@@ -1,7 +1,9 @@
 """`srpo preprocess`: a prompts file -> a folder of frozen text embeddings that training reads.
 
-FLUX's text encoders (CLIP-L + T5-XXL, about 5B parameters) are frozen, so encoding every prompt
+The text encoders (FLUX: CLIP-L + T5-XXL, about 5B parameters) are frozen, so encoding every prompt
 once and storing the result takes them out of the training job entirely (data.prompt_embeddings).
+This module is the folder format and everything that needs no cluster (planning, resuming, reading);
+the encoding itself runs on Ray Data in pipeline/ray/preprocess.py.
 
 Folder layout (``out_dir``)::
 
@@ -11,14 +13,15 @@ Folder layout (``out_dir``)::
                                     with the same indices instead of leaving gaps)
     part-<first_index:08d>.parquet  encoded rows; each holds one contiguous prompt_index run
 
-Part schema: prompt_index int64, caption string, prompt_embeds ray.data tensor [L, d_t5] float32,
-pooled ray.data tensor [d_clip] float32, clip_truncated bool, t5_truncated bool. The tensor columns
+Part schema: prompt_index int64, caption string, then the adapter's conditioning arrays
+(``conditioning_to_arrays``; FLUX: prompt_embeds ray.data tensor [L, d_t5] float32, pooled ray.data
+tensor [d_clip] float32), clip_truncated bool, t5_truncated bool. The tensor columns
 use Ray's Arrow tensor extension (``ArrowTensorArray``), so ``ray.data.read_parquet`` gives numpy
 [B, L, d] back; plain pyarrow sees the storage (a flat float32 list per row) and reshapes it with
 the shapes in meta.json. Parts and meta.json are written to a ``*.tmp`` name, then renamed (atomic
 on POSIX), so a killed run leaves only complete files plus ``*.tmp`` debris that the next run deletes.
-Parts are written by the encoding actors, so on a multi-node cluster ``out_dir`` must be shared
-storage (as for any Ray Data write).
+Parts are written by the encoding actors (pipeline/ray/preprocess.py), so on a multi-node cluster
+``out_dir`` must be shared storage (as for any Ray Data write).
 
 Sorted part names are prompt_index order because every part is one contiguous run of indices and
 two parts never overlap: readers need no global sort.
@@ -31,16 +34,15 @@ import os
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
 
 from pipeline.config import Config, ConfigError
-
-if TYPE_CHECKING:
-    import pyarrow as pa
-    import ray.data
-    import torch
+from pipeline.models import family_class
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -90,8 +92,6 @@ def read_raw_captions(path: str | Path) -> list[str | None]:
         raise ConfigError(f"data.prompts: {str(p)!r} does not exist; expected a .txt (one prompt a line) "
                           "or a .parquet with a 'caption' column")
     if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         schema = pq.read_schema(p)
         if "caption" not in schema.names:
             raise ConfigError(f"data.prompts: {p} has columns {schema.names}; expected a 'caption' column")
@@ -123,16 +123,12 @@ def unique_captions(raw: Iterable[str | None]) -> tuple[list[str], int, int]:
 # ------------------------------------------------------------------------------------------------
 
 
-def load_tokenizers(model_path: str | Path) -> tuple[Any, Any]:
-    """(CLIP tokenizer, T5 tokenizer) from the model folder, as FluxAdapter.load reads them."""
-    from transformers import AutoTokenizer
-
-    root = Path(model_path)
-    for sub in ("tokenizer", "tokenizer_2"):
-        if not (root / sub).is_dir():
-            raise ConfigError(f"model.path: {root / sub} missing; expected the FLUX.1-dev component '{sub}'")
-    return (AutoTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),
-            AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True))
+def load_tokenizers(cfg: Config) -> tuple[Any, Any]:
+    """(pooled-text tokenizer, sequence tokenizer) of the model family (FLUX: CLIP, T5), no encoder loaded."""
+    try:
+        return family_class(cfg.model.family).load_tokenizers(cfg.model.path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.path: {e}") from e
 
 
 def token_lengths(tokenizer: Any, captions: Sequence[str], chunk: int = 4096) -> np.ndarray:
@@ -154,7 +150,8 @@ def token_lengths(tokenizer: Any, captions: Sequence[str], chunk: int = 4096) ->
 
 def truncation_flags(tokenizers: tuple[Any, Any], max_sequence_length: int,
                      captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(clip_truncated, t5_truncated) per caption, matching FluxAdapter.encode_prompts's limits."""
+    """(clip_truncated, t5_truncated) per caption, matching the adapter's encode_prompts limits
+    (the first tokenizer's model_max_length, ``max_sequence_length`` for the second)."""
     if not captions:
         return np.zeros(0, bool), np.zeros(0, bool)
     clip_tok, t5_tok = tokenizers
@@ -175,16 +172,11 @@ def _identity(cfg: Config) -> dict[str, Any]:
 
 
 def embedding_shapes(cfg: Config) -> dict[str, list[int]]:
-    """Per-row shapes from the encoders' configs, known before any encoder is loaded."""
-    root = Path(cfg.model.path)
+    """Per-row shapes of the conditioning arrays, from the encoders' configs (none is loaded)."""
     try:
-        d_t5 = int(json.loads((root / "text_encoder_2" / "config.json").read_text())["d_model"])
-        d_clip = int(json.loads((root / "text_encoder" / "config.json").read_text())["hidden_size"])
-    except (OSError, KeyError, ValueError) as e:
-        raise ConfigError(f"model.path: cannot read the text encoders' config.json under {root} ({e}); "
-                          "expected text_encoder/config.json (hidden_size) and text_encoder_2/config.json "
-                          "(d_model)") from e
-    return {"prompt_embeds": [int(cfg.model.max_sequence_length), d_t5], "pooled": [d_clip]}
+        return family_class(cfg.model.family).conditioning_shapes(cfg.model.path, cfg.model.max_sequence_length)
+    except ValueError as e:
+        raise ConfigError(f"model.path: {e}") from e
 
 
 def read_meta(out_dir: str | Path) -> dict[str, Any]:
@@ -265,46 +257,7 @@ def contiguous_runs(indices: np.ndarray) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _tensor_array(x: np.ndarray) -> "pa.Array":
-    from ray.data.extensions import ArrowTensorArray
-
-    return ArrowTensorArray.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-
-
-def write_parts(out_dir: str | Path, batch: dict[str, np.ndarray]) -> list[str]:
-    """Write an encoded batch as one part per contiguous prompt_index run; returns the part names.
-
-    Splitting at gaps is what keeps sorted part names in prompt_index order whatever rows Ray Data
-    puts together in a batch (a resumed run encodes scattered leftovers plus appended prompts).
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    order = np.argsort(np.asarray(batch["prompt_index"], dtype=np.int64), kind="stable")
-    cols = {k: np.asarray(batch[k])[order] for k in
-            ("prompt_index", "caption", "prompt_embeds", "pooled", "clip_truncated", "t5_truncated")}
-    names = []
-    for run in contiguous_runs(cols["prompt_index"]):
-        table = pa.table({
-            "prompt_index": pa.array(cols["prompt_index"][run], pa.int64()),
-            "caption": pa.array([str(c) for c in cols["caption"][run]], pa.string()),
-            "prompt_embeds": _tensor_array(cols["prompt_embeds"][run]),
-            "pooled": _tensor_array(cols["pooled"][run]),
-            "clip_truncated": pa.array(cols["clip_truncated"][run].astype(bool), pa.bool_()),
-            "t5_truncated": pa.array(cols["t5_truncated"][run].astype(bool), pa.bool_()),
-        })
-        final = Path(out_dir) / part_name(int(cols["prompt_index"][run][0]))
-        tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
-        names.append(final.name)
-    return names
-
-
-def _read_columns(files: Sequence[Path], columns: list[str]) -> "pa.Table":
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def _read_columns(files: Sequence[Path], columns: list[str]) -> pa.Table:
     tables = [pq.read_table(f, columns=columns) for f in files]
     if not tables:
         return pa.table({c: pa.array([], pa.int64() if c == "prompt_index" else pa.string()) for c in columns})
@@ -332,26 +285,8 @@ def read_index(out_dir: str | Path) -> dict[int, str]:
     return dict(zip(table.column("prompt_index").to_pylist(), table.column("caption").to_pylist()))
 
 
-def read_embedding_dataset(out_dir: str | Path) -> "ray.data.Dataset":
-    """A Ray Dataset of (prompt_index, caption, prompt_embeds [L, d], pooled [d]) in prompt_index order.
-
-    The order is the file order (sorted part names), which is kept downstream when the consumer sets
-    ``preserve_order`` (Ray Train's ingest options in pipeline/stream.py do); there is no global sort.
-    """
-    import ray
-
-    read_meta(out_dir)
-    files = part_files(out_dir)
-    if not files:
-        raise ConfigError(f"{FIELD}: {str(out_dir)!r} has no part files; run `srpo preprocess` first")
-    ds = ray.data.read_parquet([str(f) for f in files], partitioning=None)
-    return ds.select_columns(["prompt_index", "caption", *TENSOR_COLUMNS])  # pushed down into the read
-
-
-def _column_numpy(column: "pa.ChunkedArray", shape: Sequence[int]) -> np.ndarray:
+def _column_numpy(column: pa.ChunkedArray, shape: Sequence[int]) -> np.ndarray:
     """A tensor column as numpy [n, *shape], with or without Ray's extension types registered."""
-    import pyarrow as pa
-
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if isinstance(arr.type, pa.ExtensionType):
         arr = arr.storage
@@ -392,8 +327,6 @@ def _part_index(out_dir: str | Path, refresh: bool = False) -> _PartIndex:
 
 def _load_rows(index: _PartIndex, wanted: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """prompt_index -> (embeds, pooled) for the wanted indices found in the listed parts."""
-    import pyarrow.parquet as pq
-
     shapes = index.meta["shapes"]
     by_part: dict[int, list[int]] = {}
     for i in wanted:
@@ -410,14 +343,12 @@ def _load_rows(index: _PartIndex, wanted: list[int]) -> dict[int, tuple[np.ndarr
     return rows
 
 
-def load_embeddings(out_dir: str | Path, indices: Sequence[int]) -> tuple["torch.Tensor", "torch.Tensor"]:
+def load_embeddings(out_dir: str | Path, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds [n, L, d_t5], pooled [n, d_clip]) of these prompt_index values, in the given order.
 
     Plain pyarrow (no Ray): reads only the parts holding the requested indices. Raises KeyError
     naming the first index the folder does not hold.
     """
-    import torch
-
     wanted = [int(i) for i in indices]
     index = _part_index(out_dir)
     try:
@@ -470,8 +401,6 @@ class Plan:
 
 def read_plan(out_dir: Path) -> Plan:
     """The plan, rebuilt from the parts when plan.parquet is absent (it is written before any part)."""
-    import pyarrow.parquet as pq
-
     cols = ["prompt_index", "caption", "clip_truncated", "t5_truncated"]
     path = out_dir / PLAN
     table = pq.read_table(path, columns=cols) if path.is_file() else _read_columns(part_files(out_dir), cols)
@@ -485,9 +414,6 @@ def read_plan(out_dir: Path) -> Plan:
 
 
 def write_plan(out_dir: Path, plan: Plan) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = pa.table({"prompt_index": pa.array(plan.index, pa.int64()), "caption": pa.array(plan.caption, pa.string()),
                       "clip_truncated": pa.array(plan.clip_truncated, pa.bool_()),
                       "t5_truncated": pa.array(plan.t5_truncated, pa.bool_())})
@@ -497,70 +423,7 @@ def write_plan(out_dir: Path, plan: Plan) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Encoding on Ray Data
-# ------------------------------------------------------------------------------------------------
-
-
-def _embed_and_write_stage():
-    """TextEmbedStage plus the part write, as one actor class (imported lazily: actors/ pulls in torch)."""
-    from actors.rollout import TextEmbedStage
-
-    class EmbedAndWrite(TextEmbedStage):
-        """Encode a batch and write it where it was computed: the embeddings (8 MiB a prompt for
-        FLUX.1-dev) never travel through the driver, which only sees one small row per part."""
-
-        def __init__(self, cfg_dict: dict[str, Any], out_dir: str) -> None:
-            super().__init__(cfg_dict)
-            self.out_dir = out_dir
-
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            batch = super().__call__(batch)
-            names = write_parts(self.out_dir, batch)
-            rows = np.zeros(len(names), np.int64)
-            if len(names):
-                rows[0] = len(batch["caption"])  # progress: the batch's rows on its first part
-            return {"part": np.asarray(names), "rows": rows}
-
-    return EmbedAndWrite
-
-
-def encode_missing(cfg: Config, out_dir: Path, todo: Plan, batch_size: int, num_actors: int,
-                   progress: bool) -> int:
-    """Encode ``todo`` through an actor pool of text encoders; returns the number of parts written."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
-
-    rows = [{"prompt_index": int(i), "caption": c, "clip_truncated": bool(a), "t5_truncated": bool(b)}
-            for i, c, a, b in zip(todo.index, todo.caption, todo.clip_truncated, todo.t5_truncated)]
-    n_batches = -(-len(rows) // batch_size)
-    actors = max(1, min(num_actors, n_batches))
-    ctx = DataContext.get_current()
-    saved_bars = ctx.enable_progress_bars
-    ctx.enable_progress_bars = progress
-    parts = 0
-    try:
-        ds = ray.data.from_items(rows, override_num_blocks=min(n_batches, 256))
-        ds = ds.map_batches(_embed_and_write_stage(), fn_constructor_args=(cfg.to_dict(), str(out_dir)),
-                            batch_size=batch_size, compute=ActorPoolStrategy(min_size=actors, max_size=actors),
-                            num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)
-        bar = _progress_bar(len(rows), progress)
-        for row in ds.iter_rows():
-            parts += 1
-            bar.update(int(row["rows"]))
-        bar.close()
-    finally:
-        ctx.enable_progress_bars = saved_bars
-    return parts
-
-
-def _progress_bar(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="encode prompts", unit="prompt", disable=not enabled)
-
-
-# ------------------------------------------------------------------------------------------------
-# The entry point
+# A run, before and after encoding (pipeline/ray/preprocess.py encodes in between)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -582,70 +445,82 @@ def _prepare_folder(out_dir: Path, cfg: Config) -> dict[str, Any]:
     return meta
 
 
-def preprocess(cfg: Config, out_dir: str | Path, prompts: str | Path | None = None, batch_size: int = 16,
-               num_actors: int | None = None, progress: bool = True) -> PreprocessReport:
-    """Encode the prompts file into ``out_dir`` (see the module docstring), resuming what is there.
+@dataclass
+class PreprocessJob:
+    """A planned preprocess run: the folder (marked incomplete), its meta, every planned prompt, the
+    ones left to encode, and the report's counts so far (``encoded`` / ``parts_written`` come later)."""
 
-    Ray must be initialised (``pipeline.ray.driver.connect_ray``) when anything is left to encode.
-    Prompts already in the folder (by caption) are skipped; new ones get indices after the largest
-    planned one, in first-occurrence order. Prompts the folder holds but the file no longer lists
-    are kept (the folder only grows). One run per folder at a time: a run deletes the ``*.tmp``
-    files it finds, which would be another live run's unfinished parts.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size: got {batch_size}, expected >= 1")
+    out: Path
+    meta: dict[str, Any]
+    plan: Plan
+    todo: Plan
+    report: PreprocessReport
+
+
+def _read_prompts_file(cfg: Config, prompts: str | Path | None) -> tuple[list[str], PreprocessReport]:
     prompts_path = prompts if prompts is not None else cfg.data.prompts
     if not prompts_path:
         raise ConfigError("data.prompts: missing; expected a prompts file (.txt or .parquet) to preprocess")
-    out = Path(out_dir).resolve()
     raw = read_raw_captions(prompts_path)
     captions, empty, dup = unique_captions(raw)
     if not captions:
         raise ConfigError(f"data.prompts: {str(prompts_path)!r} has no non-empty prompt; expected at least one caption")
-    report = PreprocessReport(total_lines=len(raw), dropped_empty=empty, dropped_duplicate=dup)
+    return captions, PreprocessReport(total_lines=len(raw), dropped_empty=empty, dropped_duplicate=dup)
 
-    meta = _prepare_folder(out, cfg)
+
+def _extend_plan(cfg: Config, out: Path, meta: dict[str, Any], captions: list[str]) -> Plan:
+    """The folder's plan plus the captions it does not hold yet (indices after the largest planned one)."""
     plan = read_plan(out)
     planned = set(plan.caption)
     new = [c for c in captions if c not in planned]
     if new:
-        tokenizers = load_tokenizers(cfg.model.path)
+        tokenizers = load_tokenizers(cfg)
         meta["clip_max_length"] = int(tokenizers[0].model_max_length)
         plan = plan.extend(new, *truncation_flags(tokenizers, cfg.model.max_sequence_length, new))
         write_plan(out, plan)
     elif len(plan) and not (out / PLAN).is_file():
         write_plan(out, plan)  # rebuilt from the parts: keep it for the next run
+    return plan
 
+
+def plan_preprocess(cfg: Config, out_dir: str | Path, prompts: str | Path | None = None) -> PreprocessJob:
+    """Everything of ``srpo preprocess`` before encoding (no Ray): read the prompts file, open or create
+    the folder, extend and write the plan, and find the planned prompts not encoded yet.
+
+    Prompts already in the folder (by caption) are skipped; new ones get indices after the largest
+    planned one, in first-occurrence order. Prompts the folder holds but the file no longer lists
+    are kept (the folder only grows).
+    """
+    captions, report = _read_prompts_file(cfg, prompts)
+    out = Path(out_dir).resolve()
+    meta = _prepare_folder(out, cfg)
+    plan = _extend_plan(cfg, out, meta, captions)
     done = set(read_index(out))
     by_caption = {c: (int(i), bool(a), bool(b))
                   for i, c, a, b in zip(plan.index, plan.caption, plan.clip_truncated, plan.t5_truncated)}
     report.truncated_clip = sum(by_caption[c][1] for c in captions)
     report.truncated_t5 = sum(by_caption[c][2] for c in captions)
     report.already_done = sum(by_caption[c][0] in done for c in captions)
-
     todo_mask = np.asarray([int(i) not in done for i in plan.index], dtype=bool)
     todo = Plan(plan.index[todo_mask], [c for c, m in zip(plan.caption, todo_mask) if m],
                 plan.clip_truncated[todo_mask], plan.t5_truncated[todo_mask])
-    if len(todo):
-        report.encoded = len(todo)
-        report.parts_written = encode_missing(cfg, out, todo, batch_size,
-                                              num_actors if num_actors is not None else cfg.rollout.num_actors,
-                                              progress)
-    _finish(out, meta, plan)
-    return report
+    report.encoded = len(todo)
+    return PreprocessJob(out, meta, plan, todo, report)
 
 
-def _finish(out: Path, meta: dict[str, Any], plan: Plan) -> None:
+def finish_preprocess(job: PreprocessJob) -> PreprocessReport:
     """Check every planned prompt is encoded, then record the counts and mark the folder complete."""
-    index = read_index(out)
-    missing = [int(i) for i in plan.index if int(i) not in index]
+    index = read_index(job.out)
+    missing = [int(i) for i in job.plan.index if int(i) not in index]
     if missing:
-        raise RuntimeError(f"{out}: {len(missing)} planned prompts were not written (first prompt_index "
+        raise RuntimeError(f"{job.out}: {len(missing)} planned prompts were not written (first prompt_index "
                            f"{missing[0]}); rerun `srpo preprocess` to encode them")
-    meta["counts"] = {"prompts": len(index), "parts": len(part_files(out)),
+    plan, meta = job.plan, job.meta
+    meta["counts"] = {"prompts": len(index), "parts": len(part_files(job.out)),
                       "clip_truncated": int(plan.clip_truncated.sum()), "t5_truncated": int(plan.t5_truncated.sum())}
     meta["complete"] = True
-    write_meta(out, meta)
+    write_meta(job.out, meta)
+    return job.report
 
 
 def report_dict(report: PreprocessReport) -> dict[str, int]:

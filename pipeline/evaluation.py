@@ -3,11 +3,11 @@
 Why this shape:
 - The same prompts and the same seeds (``eval.seed + i``) for the base and the trained transformer,
   so each prompt's score difference is the effect of the weights alone, not of the noise.
-- Sampling as diffusers' FluxPipeline (:func:`pipeline.sampling.generate`), because that is how the
+- Sampling as the family's diffusers pipeline (:func:`pipeline.sampling.generate`), because that is how the
   published numbers (SRPO_SPEC section 6) were produced; training rollouts use SRPO's own sampler.
 - Plain scores (:mod:`rewards.scorers`), never SRP: they are what papers report, and a reward the
   policy did not optimise (a "gold" scorer) is the one that shows reward hacking.
-- All images are generated first and the FLUX model is dropped before any scorer is loaded, so a
+- All images are generated first and the image model is dropped before any scorer is loaded, so a
   12B transformer and a ViT-H reward never have to fit on one device together.
 
 The run records: metrics ``eval/<name>/mean`` (trained), ``eval/<name>/base_mean``,
@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -31,11 +31,12 @@ from torch import Tensor
 from pipeline.checkpoint import read_run
 from pipeline.config import Config, ConfigError, ScorerConfig
 from pipeline.data import read_prompts
+from pipeline.device import resolve_device
+from pipeline.export import WeightsSource, find_run_dir, read_weights, resolve_weights, source_step
+from pipeline.models import load_adapter
+from pipeline.sampling import generate, load_scheduler_config, to_uint8
 from pipeline.tracking import default_tracking_uri
 from rewards.scorers import Scorer, load_scorers
-
-if TYPE_CHECKING:
-    from pipeline.export import WeightsSource
 
 GRID_GAP = 4  # white pixels between the base and the trained image of a prompt
 
@@ -135,9 +136,7 @@ def scorer_configs(cfg: Config) -> list[ScorerConfig]:
 
 
 def _scheduler_config(model_path: str | Path) -> dict[str, Any] | None:
-    """The model folder's scheduler config (FluxPipeline's dynamic shifting reads it); None = FLUX.1-dev's."""
-    from pipeline.sampling import load_scheduler_config
-
+    """The model folder's scheduler config (the pipeline's dynamic shifting reads it); None = the family's default."""
     has_own = (Path(model_path) / "scheduler" / "scheduler_config.json").is_file()
     return load_scheduler_config(model_path) if has_own else None
 
@@ -148,8 +147,6 @@ def find_train_run_id(weights: str | Path) -> str | None:
     A run folder itself, its export (``transformer/*.safetensors``), ``best/`` or a checkpoint all
     trace back to the run that produced them.
     """
-    from pipeline.export import find_run_dir
-
     run_dir = find_run_dir(weights)
     if run_dir is None:
         return None
@@ -181,10 +178,8 @@ def score_images(scorers: Sequence[Scorer], images: Tensor, captions: list[str],
 # ------------------------------------------------------------------------------------ sampling
 
 
-def _load_trained(transformer: torch.nn.Module, source: "WeightsSource", model_path: str) -> None:
+def _load_trained(transformer: torch.nn.Module, source: WeightsSource, model_path: str) -> None:
     """Copy the weights of ``source`` into ``transformer``; every parameter must be covered."""
-    from pipeline.export import read_weights
-
     state = read_weights(source)
     result = transformer.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -194,15 +189,12 @@ def _load_trained(transformer: torch.nn.Module, source: "WeightsSource", model_p
             f"unexpected {result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}")
 
 
-def generate_eval_images(cfg: Config, source: "WeightsSource | None", base: bool, prompts: list[str],
+def generate_eval_images(cfg: Config, source: WeightsSource | None, base: bool, prompts: list[str],
                          seeds: list[int], device: torch.device) -> tuple[Tensor | None, Tensor]:
     """(base images or None, evaluated images), CPU [N, 3, R, R] in [0, 1]; the model is freed after.
 
     ``source`` None: the base model is the evaluated one (no base images).
     """
-    from pipeline.models import load_adapter
-    from pipeline.sampling import generate
-
     adapter = load_adapter(cfg.model.family, cfg.model.path, device, cfg.model.max_sequence_length)
     transformer = adapter.transformer.eval()
     sched = _scheduler_config(cfg.model.path)
@@ -232,8 +224,6 @@ def generate_eval_images(cfg: Config, source: "WeightsSource | None", base: bool
 
 def side_by_side(base: Tensor | None, trained: Tensor) -> np.ndarray:
     """base | gap | trained as one HWC uint8 image (just the trained image without a base)."""
-    from pipeline.sampling import to_uint8
-
     right = to_uint8(trained[None])[0]
     if base is None:
         return right
@@ -322,9 +312,6 @@ def evaluate(cfg: Config, weights: str | None, base: bool = True, out_dir: str |
     ``base=False`` skips the base images (no base_mean / delta). ``out_dir``: where to also write
     report.json and the images (None = MLflow only). ``tracking_uri`` defaults to the config's.
     """
-    from pipeline.device import resolve_device
-    from pipeline.export import resolve_weights, source_step
-
     dev = torch.device(device) if device is not None else resolve_device(cfg.train.device)
     prompts = eval_prompts(cfg)
     seeds = eval_seeds(cfg, len(prompts))

@@ -8,7 +8,7 @@ Reading (:func:`load_weights`) accepts every place trained weights live:
 - a run folder (``output.dir``): its newest weights, a complete checkpoint or the final export.
 
 Writing keeps the plain diffusers parameter names, so the result loads exactly as the authors load
-theirs: ``FluxPipeline.from_pretrained(base); pipe.transformer.load_state_dict(load_file(path))``.
+theirs (FLUX: ``FluxPipeline.from_pretrained(base); pipe.transformer.load_state_dict(load_file(path))``).
 Every write goes through a temporary file or folder and a rename: a crash never leaves half a file.
 """
 from __future__ import annotations
@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
 
 from pipeline.checkpoint import RUN_FILE, STATE_FILE, latest_checkpoint, read_state
+from pipeline.config import load_config
+from pipeline.models import parameter_template
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -135,7 +138,7 @@ def _check_against_base(state: dict[str, torch.Tensor], base: Path) -> None:
     if missing or unexpected or wrong:
         raise KeyError(f"weights do not match the transformer of {base}: missing {missing[:5]}, unexpected "
                        f"{unexpected[:5]}, wrong shape {wrong[:5]} ({len(missing)}/{len(unexpected)}/{len(wrong)}); "
-                       "expected plain diffusers FluxTransformer2DModel keys of that config")
+                       "expected the plain diffusers keys of that transformer config")
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
@@ -250,10 +253,6 @@ def _run_model_path(run_dir: Path | None) -> str | None:
     """``model.path`` of the run's resolved config (None outside a run or without config.yaml)."""
     if run_dir is None or not (run_dir / RUN_CONFIG).is_file():
         return None
-    import yaml
-
-    from pipeline.config import load_config
-
     try:
         return _usable(load_config(run_dir / RUN_CONFIG).model.path)
     except (OSError, ValueError, yaml.YAMLError):
@@ -340,19 +339,9 @@ def read_checkpoint_weights(ckpt: str | Path, model_path: str | None = None) -> 
 
 
 def transformer_template(model_path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes of the FluxTransformer2DModel of ``<model_path>/transformer``.
-
-    Built on the meta device: no memory, no weights read (FLUX.1-dev's config only).
-    """
-    from diffusers import FluxTransformer2DModel
-
-    folder = Path(model_path) / "transformer"
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder / 'config.json'}: missing; expected the base model's transformer config")
-    config = FluxTransformer2DModel.load_config(folder)
-    with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """Parameter names and shapes of the transformer of ``<model_path>/transformer`` (its family's
+    parameter template, built on the meta device: no memory, no weights read)."""
+    return parameter_template(model_path)
 
 
 def _read_dcp_model(dcp_dir: Path, model_path: str | None) -> dict[str, torch.Tensor]:

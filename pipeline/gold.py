@@ -21,7 +21,16 @@ from typing import Any
 
 import torch
 
+from pipeline.checkpoint import write_json_atomic
 from pipeline.config import Config
+from pipeline.data import read_prompts
+from pipeline.export import save_state_dict
+from pipeline.models import load_adapter
+from pipeline.rollout import sample_x0
+from pipeline.sources import draw_eps
+from pipeline.srpo_step import grid_from_config
+from rewards.scorers import load_scorers
+from rewards.srp import control_words, srp_score
 
 
 class GoldReward:
@@ -43,11 +52,6 @@ class GoldReward:
                saved: dict[str, Any] | None) -> "GoldReward | None":
         if not cfg.eval.every:
             return None
-        from actors.rollout import draw_eps
-        from pipeline.data import read_prompts
-        from pipeline.models import load_adapter
-        from rewards.scorers import load_scorers
-
         path = cfg.eval.prompts or cfg.data.heldout_prompts
         if not path:
             raise ValueError("eval.every > 0 needs held-out prompts: set eval.prompts or data.heldout_prompts")
@@ -83,8 +87,6 @@ class GoldReward:
     @torch.no_grad()
     def scores(self, adapter, transformer) -> dict[str, float]:
         """Mean gold score of each scorer over all held-out prompts (every rank gets the same)."""
-        from pipeline.rollout import sample_x0
-
         cfg = self.cfg
         was_training = transformer.training
         transformer.eval()
@@ -124,12 +126,39 @@ class GoldReward:
         return out
 
     def _export_best(self, engine, cfg: Config, means: dict[str, float]) -> None:
-        from pipeline.checkpoint import write_json_atomic
-        from pipeline.export import save_state_dict
-
         state = engine.full_state_dict()  # collective
         if self.rank == 0:
             best = Path(cfg.output.dir) / "best"
             save_state_dict(state, best / "diffusion_pytorch_model.safetensors", step=self.best_step)
             write_json_atomic(best / "best.json", {"step": self.best_step, "gold_score": self.best,
                                                    "scores": means, "scorer": self.scorers[0].name})
+
+
+@torch.no_grad()
+def heldout_srp_reward(cfg: Config, adapter, transformer, reward_model, cond, captions: list[str],
+                       seed: int) -> float:
+    """Mean SRP reward of full-rollout images of held-out prompts, averaged over every control-word
+    pair (the learning-signal metric of the tests and benchmarks): held-out prompts and a held-out
+    noise seed measure whether the policy itself improved, not just its one-step recoveries."""
+    g = torch.Generator().manual_seed(seed)
+    grid = grid_from_config(cfg.srpo, cfg.rollout.shift)
+    grid_k = float(grid.d_pos[grid.N // 2])
+    was_training = transformer.training
+    transformer.eval()
+    rewards = []
+    for i in range(0, len(captions), cfg.train.batch_size):
+        caps, sl = captions[i:i + cfg.train.batch_size], slice(i, i + cfg.train.batch_size)
+        eps = adapter.sample_noise(len(caps), cfg.data.resolution, g)
+        x0 = sample_x0(adapter, transformer, eps, cond.select(sl), cfg.data.resolution, cfg.rollout.steps,
+                       cfg.rollout.shift, cfg.rollout.guidance, cfg.train.mixed_precision)
+        f_img = reward_model.encode_image(adapter.decode(x0, cfg.data.resolution))
+        n_pos, n_neg = len(cfg.srpo.positive_words), len(cfg.srpo.negative_words)
+        for step in range(math.lcm(n_pos, n_neg)):
+            pw, nw = control_words(step, tuple(cfg.srpo.positive_words), tuple(cfg.srpo.negative_words))
+            f_pos = reward_model.encode_text([f"{pw}. {c}" for c in caps])
+            f_neg = reward_model.encode_text([f"{nw}. {c}" for c in caps])
+            k_t = torch.full((len(caps),), grid_k, device=f_img.device)
+            rewards.append(srp_score(f_img, f_pos, f_neg, k_t, cfg.srpo.srp_form,
+                                     reward_model.score_scale).mean().item())
+    transformer.train(was_training)
+    return sum(rewards) / len(rewards)

@@ -17,7 +17,7 @@ and the counts and the list are logged to MLflow by the driver:
     too_small         shorter side below data.min_image_size (default: data.resolution)
 
 Images are decoded with PIL, converted to RGB, resized so the shorter side equals the training
-resolution (bicubic, antialiased) and center-cropped to a square: the FLUX VAE then encodes them.
+resolution (bicubic, antialiased) and center-cropped to a square: the model's VAE then encodes them.
 """
 from __future__ import annotations
 
@@ -25,8 +25,11 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from pipeline.config import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 SKIP_REASONS = ("missing_caption", "empty_caption", "bad_manifest_row", "unreadable", "truncated", "too_small")
@@ -200,50 +203,21 @@ class ImageScan:
         return {"usable": len(self.usable), "counts": self.counts, "skipped": [asdict(s) for s in self.skipped]}
 
 
-def _check_batch(batch: dict[str, np.ndarray], resolution: int, min_size: int) -> dict[str, np.ndarray]:
-    reasons, details = [], []
-    for p in batch["path"]:
-        try:
-            load_image(str(p), resolution, min_size)
-            reasons.append("")
-            details.append("")
-        except ImageSkip as e:
-            reasons.append(e.reason)
-            details.append(e.detail)
-    return {"index": batch["index"], "reason": np.asarray(reasons, dtype=object),
-            "detail": np.asarray(details, dtype=object)}
+def scan_images(source: str | Path, resolution: int, min_size: int = 0,
+                check: Callable[[list[ImageRecord], int, int], tuple[list[ImageRecord], list[Skipped]]] = check_images,
+                ) -> ImageScan:
+    """List and decode-check every image, before training starts.
 
-
-def scan_images(source: str | Path, resolution: int, min_size: int = 0, use_ray: bool = True) -> ImageScan:
-    """List and decode-check every image (a Ray Data map when ``use_ray``), before training starts.
-
-    Raises ConfigError (a ValueError) naming ``data.images`` when no image is usable: that is a configuration
-    error, found before any learner or actor starts.
+    ``check`` decodes the listed records (default: :func:`check_images`, in this process;
+    ``pipeline.ray.images.scan_images`` passes a Ray Data map). Raises ConfigError (a ValueError)
+    naming ``data.images`` when no image is usable: that is a configuration error, found before any
+    learner or actor starts.
     """
     records, skipped = list_images(source)
-    if use_ray and records:
-        import ray
-
-        ds = ray.data.from_items([{"index": i, "path": r.path} for i, r in enumerate(records)],
-                                 override_num_blocks=min(len(records), 64))
-        rows = ds.map_batches(_check_batch, fn_kwargs={"resolution": resolution, "min_size": min_size},
-                              batch_size=16).take_all()
-        by_index = {int(r["index"]): (str(r["reason"]), str(r["detail"])) for r in rows}
-        usable = []
-        for i, r in enumerate(records):
-            reason, detail = by_index[i]
-            if reason:
-                skipped.append(Skipped(r.path, reason, detail))
-            else:
-                usable.append(r)
-    else:
-        usable, more = check_images(records, resolution, min_size)
-        skipped += more
-    scan = ImageScan(usable, skipped)
+    usable, more = check(records, resolution, min_size) if records else ([], [])
+    scan = ImageScan(usable, skipped + more)
     if not usable:
-        from pipeline.config import ConfigError
-
-        raise ConfigError(f"data.images: no usable image in {source} ({len(skipped)} skipped: "
-                         f"{ {k: v for k, v in scan.counts.items() if v} }); expected images of at least "
-                         f"{min_size or resolution} px on the shorter side with non-empty captions")
+        raise ConfigError(f"data.images: no usable image in {source} ({len(scan.skipped)} skipped: "
+                          f"{ {k: v for k, v in scan.counts.items() if v} }); expected images of at least "
+                          f"{min_size or resolution} px on the shorter side with non-empty captions")
     return scan

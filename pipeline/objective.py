@@ -9,12 +9,14 @@ same parameter gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from pipeline.config import Config
 from rewards.base import RewardModel
+from rewards.loader import load_reward_model
 from rewards.srp import semantic_relative_preference
 
 
@@ -69,19 +71,32 @@ def branch_loss(images: Tensor, reward_model: RewardModel, req: RewardRequest) -
 
 
 class RewardObjective(Protocol):
-    """The reward side of the learner. ``surrogate`` returns a scalar whose gradient w.r.t. the
-    learner's parameters equals the branch loss's, plus the branch metrics.
+    """The reward side of the learner: everything the learner calls.
 
-    Colocated, the surrogate is the loss itself. Remote (gradient relay), it is
-    ``(x0_hat * dLoss/dx0_hat).sum()`` with the gradient computed by a reward worker: the same
-    parameter gradients by the chain rule, and it goes through any engine's ``backward``
+    ``surrogate`` returns a scalar whose gradient w.r.t. the learner's parameters equals the branch
+    loss's, plus the branch metrics. Colocated, the surrogate is the loss itself. Remote (gradient
+    relay), it is ``(x0_hat * dLoss/dx0_hat).sum()`` with the gradient computed by a reward worker:
+    the same parameter gradients by the chain rule, and it goes through any engine's ``backward``
     (plain autograd, FSDP2, DeepSpeed) unchanged.
+
+    ``overlap``: True when ``submit`` starts a round trip that runs while the learner computes (the
+    step then runs every branch's forward before collecting); ``collect(ticket, x0_hat)`` finishes it.
+    ``reward_wait_s``: seconds the learner waited on the reward since ``reset_timers``.
     """
+
+    overlap: bool
+    reward_wait_s: float
 
     def surrogate(self, x0_hat: Tensor, req: RewardRequest) -> tuple[Tensor, BranchResult]: ...
 
-    # Objectives with ``overlap = True`` also provide ``submit(x0_hat, req) -> ticket`` (start the
-    # round trip on a detached copy) and ``collect(ticket, x0_hat) -> (surrogate, result)``.
+    def submit(self, x0_hat: Tensor, req: RewardRequest) -> Any: ...
+
+    def collect(self, ticket: Any, x0_hat: Tensor) -> tuple[Tensor, BranchResult]: ...
+
+    def score_many(self, latents: Tensor, captions: list[str], pos_word: str, neg_word: str, k: float,
+                   form: str) -> dict[str, float]: ...
+
+    def reset_timers(self) -> None: ...
 
 
 class ColocatedReward:
@@ -90,11 +105,22 @@ class ColocatedReward:
     #: Colocated scoring gains nothing from running branches' forwards ahead of their backwards,
     #: and that would keep two graphs alive; remote objectives set this to overlap round trips.
     overlap = False
+    reward_wait_s = 0.0  # scoring is part of the learner's own compute
 
     def __init__(self, adapter, reward_model: RewardModel, resolution: int) -> None:
         self.adapter = adapter
         self.reward_model = reward_model
         self.resolution = resolution
+
+    def reset_timers(self) -> None:
+        pass
+
+    def submit(self, x0_hat: Tensor, req: RewardRequest) -> tuple[Tensor, BranchResult]:
+        """Nothing to overlap: the loss is computed at once (with the graph) and handed to collect."""
+        return self.surrogate(x0_hat, req)
+
+    def collect(self, ticket: tuple[Tensor, BranchResult], x0_hat: Tensor) -> tuple[Tensor, BranchResult]:
+        return ticket
 
     def loss(self, x0_hat: Tensor, req: RewardRequest) -> tuple[Tensor, BranchResult]:
         images = self.adapter.decode(x0_hat, self.resolution)
@@ -105,7 +131,7 @@ class ColocatedReward:
 
     @torch.no_grad()
     def score_many(self, latents: Tensor, captions: list[str], pos_word: str, neg_word: str, k: float,
-                   form: str = "reference") -> dict[str, float]:
+                   form: str) -> dict[str, float]:
         """SRP of decoded latents (no gradient): rollout metrics, same return as RemoteReward.score_many."""
         images = self.adapter.decode(latents, self.resolution)
         k_t = torch.full((len(captions),), float(k), device=images.device)
@@ -124,3 +150,13 @@ class ColocatedReward:
 def relay_surrogate(x0_hat: Tensor, grad: Tensor) -> Tensor:
     """A scalar whose backward is ``x0_hat.backward(grad)``."""
     return (x0_hat * grad.to(device=x0_hat.device, dtype=x0_hat.dtype).detach()).sum()
+
+
+def reward_model_from_config(cfg: Config, device: torch.device) -> RewardModel:
+    return load_reward_model(cfg.reward.kind, cfg.reward.path, arch=cfg.reward.arch,
+                             tokenizer_path=cfg.reward.tokenizer_path or None, device=device)
+
+
+def colocated_reward(cfg: Config, adapter, device: torch.device) -> ColocatedReward:
+    """The reference placement: the configured reward model inside the learner's process."""
+    return ColocatedReward(adapter, reward_model_from_config(cfg, device), cfg.data.resolution)

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Protocol, runtime_checkable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from pipeline.config import OptimConfig
 from pipeline.srpo_step import build_optimizer, optimizer_step
@@ -48,10 +51,15 @@ class LearnerEngine(Protocol):
       with ``rank0_only=False``); the other ranks get ``{}``, which bounds host memory at one copy.
     - ``load_full_state_dict(state)``: every rank passes the same full state; weights only (AdamW's
       state is untouched).
+    - ``gathered_for_inference()``: a context for no-grad forwards (the colocated rollout) in which
+      a sharded model gathers its parameters once instead of once per forward.
     """
 
+    name: str  # the strategy, as recorded in checkpoints
     transformer: nn.Module  # what adapter.velocity(...) calls for the forward
     optimizer: torch.optim.Optimizer | None
+
+    def gathered_for_inference(self) -> AbstractContextManager: ...
 
     def backward(self, loss: Tensor) -> None: ...
 
@@ -67,7 +75,8 @@ class LearnerEngine(Protocol):
 
 
 def build_engine(strategy: str, transformer: nn.Module, optim_cfg: OptimConfig, device: torch.device,
-                 mixed_precision: str, activation_checkpointing: bool, zero_stage: int = 2) -> LearnerEngine:
+                 mixed_precision: str, activation_checkpointing: bool, zero_stage: int,
+                 shard_blocks: list[nn.Module] | None = None) -> LearnerEngine:
     """Wrap ``transformer`` (a plain diffusers model, fp32 weights) for training on ``device``.
 
     ``mixed_precision`` "bf16" means bf16 compute over fp32 master weights: for ``single`` the
@@ -78,7 +87,8 @@ def build_engine(strategy: str, transformer: nn.Module, optim_cfg: OptimConfig, 
     if strategy == "single":
         return SingleEngine(transformer, optim_cfg, device, activation_checkpointing)
     if strategy == "fsdp2":
-        return FSDP2Engine(transformer, optim_cfg, device, mixed_precision, activation_checkpointing)
+        return FSDP2Engine(transformer, optim_cfg, device, mixed_precision, activation_checkpointing,
+                           shard_blocks or [])
     if strategy == "deepspeed":
         return DeepSpeedZeroEngine(transformer, optim_cfg, device, mixed_precision, activation_checkpointing,
                                    zero_stage)
@@ -180,7 +190,12 @@ class _DCPCheckpoints:
 
 
 class SingleEngine(_DCPCheckpoints):
-    """No distribution: the module itself, AdamW, ``loss.backward()`` (what SRPOTrainer does)."""
+    """No distribution: the module itself, AdamW, ``loss.backward()``."""
+
+    name = "single"
+
+    def gathered_for_inference(self) -> AbstractContextManager:
+        return nullcontext()
 
     def __init__(self, transformer: nn.Module, optim_cfg: OptimConfig, device: torch.device,
                  activation_checkpointing: bool) -> None:
@@ -224,10 +239,10 @@ class FSDP2Engine(_DCPCheckpoints):
     in fp32, the sharded master weights and AdamW state stay fp32.
     """
 
+    name = "fsdp2"
+
     def __init__(self, transformer: nn.Module, optim_cfg: OptimConfig, device: torch.device,
-                 mixed_precision: str, activation_checkpointing: bool) -> None:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+                 mixed_precision: str, activation_checkpointing: bool, blocks: list[nn.Module]) -> None:
 
         _require_process_group("fsdp2")
         _set_current_device(device)
@@ -241,26 +256,40 @@ class FSDP2Engine(_DCPCheckpoints):
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         else:
             mp = MixedPrecisionPolicy()
-        blocks = list(getattr(transformer, "transformer_blocks", [])) + \
-            list(getattr(transformer, "single_transformer_blocks", []))
         if not blocks:
-            raise TypeError(f"{type(transformer).__name__}: no transformer_blocks / single_transformer_blocks "
-                            "to shard (expected a FLUX transformer)")
-        # FLUX's single-stream blocks return slices of one tensor (views), and the root a reshaped
-        # Linear output; FSDP2 warns that an in-place op on such a view would bypass its
-        # pre-backward hook. Neither diffusers' forward nor Direct-Align modifies them in place.
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPFlux\w*\) returned a view tensor")
+            raise TypeError(f"{type(transformer).__name__}: the model adapter named no blocks to shard")
+        # Blocks may return slices of one tensor (views), and the root a reshaped Linear output;
+        # FSDP2 warns that an in-place op on such a view would bypass its pre-backward hook. Neither
+        # diffusers' forward nor Direct-Align modifies them in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w*\) returned a view tensor")
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp)
         # Root last: it owns what no block does (embedders, norm_out, proj_out).
         fully_shard(transformer, mesh=mesh, mp_policy=mp)
         self.transformer = transformer
+        self._fsdp_modules = [m for m in transformer.modules() if isinstance(m, FSDPModule)]
         o = optim_cfg
         # After sharding, so AdamW's state is allocated per shard (DTensor) and never whole.
         self.optimizer = build_optimizer(transformer.parameters(), o.lr, o.betas, o.eps, o.weight_decay)
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()  # FSDP2's hooks reduce-scatter (average) each block's gradients
+
+    @contextmanager
+    def gathered_for_inference(self) -> Iterator[None]:
+        """All-gather every block once and keep it whole for the context (the colocated rollout's
+        denoising steps), then free the gathered copies. Without it FSDP2 re-gathers every block in
+        every one of the rollout's forwards: rollout.steps x the model's bytes per rank."""
+        for module in self._fsdp_modules:
+            module.set_reshard_after_forward(False, recurse=False)
+        try:
+            for module in self._fsdp_modules:
+                module.unshard()
+            yield
+        finally:
+            for module in self._fsdp_modules:
+                module.reshard()
+                module.set_reshard_after_forward(True, recurse=False)
 
     def step(self, max_grad_norm: float) -> float:
         """``clip_grad_norm_`` on DTensor gradients computes the norm of the whole gradient (the
@@ -364,6 +393,13 @@ class DeepSpeedZeroEngine:
     ``transformer.module``. ``optimizer`` is DeepSpeed's ZeRO optimizer around torch AdamW, whose
     math is the single-process AdamW's on flat fp32 partitions.
     """
+
+    name = "deepspeed"
+
+    def gathered_for_inference(self) -> AbstractContextManager:
+        """ZeRO-2 keeps whole parameters; ZeRO-3 gathers per forward (its prefetcher overlaps the
+        gathers with compute; gathering the whole model at once would cost its full size)."""
+        return nullcontext()
 
     def __init__(self, transformer: nn.Module, optim_cfg: OptimConfig, device: torch.device,
                  mixed_precision: str, activation_checkpointing: bool, zero_stage: int = 2) -> None:

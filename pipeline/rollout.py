@@ -15,8 +15,8 @@ from pipeline.schedules import rollout_sigmas
 
 
 @torch.no_grad()
-def sample_x0(adapter, transformer: torch.nn.Module, eps: Tensor, cond, resolution: int, steps: int = 25,
-              shift: float = 3.0, guidance: float = 1.0, mixed_precision: str = "fp32") -> Tensor:
+def sample_x0(adapter, transformer: torch.nn.Module, eps: Tensor, cond, resolution: int, steps: int,
+              shift: float, guidance: float, mixed_precision: str = "fp32") -> Tensor:
     """Euler-integrate from eps (sigma = 1) to sigma = 0; returns the packed latent x0 (fp32)."""
     sigmas = rollout_sigmas(steps, shift)
     x = eps.float()

@@ -122,3 +122,9 @@ def injection_weights(num: int, discount: float) -> list[float]:
     raw = [discount**j for j in range(num)]
     total = math.fsum(raw)
     return [w / total for w in raw]
+
+
+def lr_at(step: int, lr: float, warmup_steps: int) -> float:
+    """The learning rate of a step: linear warmup then constant (constant when warmup_steps = 0).
+    A pure function of the step, so a resumed run continues the schedule exactly."""
+    return lr if warmup_steps <= 0 else lr * min(1.0, (step + 1) / warmup_steps)

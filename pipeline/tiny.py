@@ -17,9 +17,14 @@ benchmarks at 256x256).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
+
+from rewards.aesthetic import AESTHETIC_FILE_NAME
+from rewards.tiny import make_tiny_aesthetic, make_tiny_hf_clip, make_tiny_hps
+from rewards.tiny_tokenizers import build_clip_tokenizer
 
 SIZES = {
     # The transformer keeps FLUX's structure (double-stream + single-stream blocks, RoPE over 3 axes,
@@ -77,8 +82,6 @@ def make_tiny_flux(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Pa
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from pipeline.tiny_tokenizers import build_clip_tokenizer
-
     spec = SIZES[size]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,8 +122,6 @@ def make_tiny_flux(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Pa
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tok,
                         text_encoder_2=text_encoder_2, tokenizer_2=t5_tok, transformer=transformer)
     pipe.save_pretrained(str(out), safe_serialization=True)
-    import shutil
-
     shutil.rmtree(tok_tmp, ignore_errors=True)
     return out
 
@@ -143,9 +144,6 @@ def _world_is_current(done: Path, seed: int, size: str) -> bool:
 
 def make_tiny_world(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> dict[str, str]:
     """Write the whole tiny world (idempotent: a finished world is reused); returns its paths."""
-    from rewards.aesthetic import AESTHETIC_FILE_NAME
-    from rewards.tiny import make_tiny_aesthetic, make_tiny_hf_clip, make_tiny_hps
-
     root = Path(out_dir)
     done = root / "WORLD.json"
     paths = {

@@ -85,7 +85,7 @@ def test_restore_refuses_another_world_size_or_strategy(tiny_world, tmp_path):
 
 
 def test_lr_schedule_is_a_function_of_the_step():
-    from actors.learner import lr_at
+    from pipeline.schedules import lr_at
 
     assert [lr_at(s, 1.0, 0) for s in range(3)] == [1.0, 1.0, 1.0]
     assert [lr_at(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]

@@ -68,8 +68,12 @@ def test_plan_words_weights_and_order():
     assert den.weight == inv.weight == 0.5  # the "/ 2" of two branches
     (only,) = plan_branches(GRID, [500], "Detail", "Anime", variant="denoise_only")
     assert only.name == DENOISE and only.weight == 1.0
-    (rel,) = plan_branches(GRID, [500], "Detail", "Anime", variant="relative_discount")
+    (rel,) = plan_branches(GRID, [500], "Detail", "Anime", variant="relative_discount", shift=3.0)
     assert rel.discount is not None and rel.discount[0].item() == pytest.approx(1.5 / 2.0)  # shift(0.5) = 0.75
+    with pytest.raises(ValueError, match="relative discount needs rollout.shift"):
+        plan_branches(GRID, [500], "Detail", "Anime", variant="relative_discount")
+    with pytest.raises(ValueError, match="srpo.variant: got 'bogus'"):
+        plan_branches(GRID, [500], "Detail", "Anime", variant="bogus")
 
 
 def test_reward_aggregation_plan():

@@ -39,7 +39,7 @@ def trained(tiny_world, tmp_path_factory):
     """One SRPO step of the single-process trainer (it must move the weights), exported in fp32."""
     from pipeline.config import load_config
     from pipeline.export import export_transformer
-    from pipeline.trainer import SRPOTrainer
+    from helpers import StepHarness as SRPOTrainer
 
     tmp = tmp_path_factory.mktemp("trained")
     cfg = load_config(REPO / "configs/tiny.yaml", _overrides(tiny_world, tmp / "run") + [

@@ -1,10 +1,13 @@
 """FLUX adapter against diffusers' own FluxPipeline on the tiny folder (the FLUX.1-dev layout)."""
+import json
+
+import numpy as np
 import pytest
 import torch
 
-from pipeline.models import load_adapter
-from pipeline.models.flux import (FLUX_VAE_SCALE, FLUX_VAE_SHIFT, denormalize_vae_latent, latent_image_ids,
-                                  normalize_vae_latent, pack_latents, unpack_latents)
+from pipeline.models import family_of, load_adapter, parameter_template
+from pipeline.models.flux import (FLUX_VAE_SCALE, FLUX_VAE_SHIFT, FluxAdapter, denormalize_vae_latent,
+                                  latent_image_ids, normalize_vae_latent, pack_latents, unpack_latents)
 from pipeline.rollout import sample_x0
 from pipeline.schedules import rollout_sigmas
 
@@ -110,3 +113,48 @@ def test_missing_component_names_the_path(tmp_path):
         load_adapter("flux", str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="model.family"):
         load_adapter("sd3", str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------ the family surface
+# What generic code (engines, export, preprocess, Ray batches) gets from the adapter instead of FLUX names.
+
+
+def test_conditioning_round_trips_through_arrays_bit_for_bit(adapter):
+    cond = adapter.encode_prompts(["a photo of a cat", "a red car"])
+    arrays = adapter.conditioning_to_arrays(cond)
+    assert set(arrays) == {"prompt_embeds", "pooled"} and all(a.dtype == np.float32 for a in arrays.values())
+    back = FluxAdapter.conditioning_from_arrays({**arrays, "caption": np.array(["x", "y"])}, "cpu")  # class level
+    for field in ("prompt_embeds", "pooled", "text_ids"):
+        torch.testing.assert_close(getattr(back, field), getattr(cond, field), rtol=0, atol=0)
+
+
+def test_shard_blocks_are_every_double_then_single_stream_block(adapter):
+    t = adapter.transformer
+    blocks = adapter.shard_blocks(t)
+    assert blocks == [*t.transformer_blocks, *t.single_transformer_blocks] and len(blocks) >= 2
+    with pytest.raises(TypeError, match="Linear: no transformer_blocks"):
+        FluxAdapter.shard_blocks(torch.nn.Linear(2, 2))
+
+
+def test_parameter_template_and_conditioning_shapes_need_no_weights(adapter, tiny_world):
+    assert family_of(tiny_world["flux"]) == "flux"
+    template = parameter_template(tiny_world["flux"])
+    assert template == {k: tuple(v.shape) for k, v in adapter.transformer.state_dict().items()}
+    cond = adapter.encode_prompts(["a cat"])
+    shapes = FluxAdapter.conditioning_shapes(tiny_world["flux"], 32)
+    assert shapes == {k: list(v.shape[1:]) for k, v in adapter.conditioning_to_arrays(cond).items()}
+    clip_tok, t5_tok = FluxAdapter.load_tokenizers(tiny_world["flux"])
+    assert clip_tok.model_max_length == 77 and t5_tok("a cat").input_ids[-1] == t5_tok.eos_token_id
+
+
+def test_family_level_errors_name_the_file(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    with pytest.raises(ValueError, match=r"text encoders' config\.json under .*d_model"):
+        FluxAdapter.conditioning_shapes(tmp_path, 32)
+    with pytest.raises(FileNotFoundError, match=r"tokenizer: missing"):
+        FluxAdapter.load_tokenizers(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"transformer/config\.json: missing"):
+        family_of(tmp_path / "nowhere")
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    with pytest.raises(ValueError, match="'SD3Transformer2DModel' belongs to no model family"):
+        family_of(tmp_path)

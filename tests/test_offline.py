@@ -106,11 +106,11 @@ def test_no_usable_image_fails_at_start_naming_the_field(tmp_path):
     (root / "a.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (root / "a.txt").write_text("caption")
     with pytest.raises(ValueError, match=r"data.images: no usable image.*unreadable"):
-        scan_images(root, 64, use_ray=False)
+        scan_images(root, 64)
 
 
 def test_offline_noise_is_fresh_per_sample_never_shared_across_ranks(tiny_cfg):
-    from actors.rollout import noise_seed
+    from pipeline.sources import noise_seed
 
     online = tiny_cfg()  # share_noise_across_ranks: true (the reference, online)
     offline = tiny_cfg("rollout.mode=offline", "data.images=/nonexistent")

@@ -116,7 +116,7 @@ def _worker(rank: int, world_size: int, port: int, job_path: str) -> None:
     from pipeline.objective import ColocatedReward
     from pipeline.parallel import build_engine
     from pipeline.srpo_step import StepBatch, grid_from_config, srpo_backward
-    from pipeline.trainer import reward_model_from_config
+    from pipeline.objective import reward_model_from_config
 
     job = torch.load(job_path, weights_only=True)
     cfg = load_config(REPO / "configs/tiny.yaml", job["overrides"])
@@ -142,7 +142,7 @@ def _worker(rank: int, world_size: int, port: int, job_path: str) -> None:
                             p.mul_(-0.5)  # other weights, so a failed load shows
                 optim = dataclasses.replace(cfg.optim, **spec["optim"])
                 engine = build_engine(strategy, model, optim, device, cfg.train.mixed_precision,
-                                      spec["checkpointing"], zero_stage)
+                                      spec["checkpointing"], zero_stage, shard_blocks=adapter.shard_blocks(model))
                 result = {}
                 if spec["load"]:
                     engine.load_full_state_dict(initial)
@@ -163,7 +163,8 @@ def _worker(rank: int, world_size: int, port: int, job_path: str) -> None:
                         for p in twin_model.parameters():
                             p.mul_(-0.5)
                     twin = build_engine(strategy, twin_model, optim, device, cfg.train.mixed_precision,
-                                        spec["checkpointing"], zero_stage)
+                                        spec["checkpointing"], zero_stage,
+                                        shard_blocks=adapter.shard_blocks(twin_model))
                     twin.load_sharded(str(ckpt))
                     for e in (engine, twin):
                         srpo_backward(adapter, e.transformer, objective, grid, cfg.srpo, batch, STEP + 1,
@@ -185,7 +186,7 @@ def _worker(rank: int, world_size: int, port: int, job_path: str) -> None:
 @pytest.fixture()
 def parity(tiny_cfg, tiny_overrides, tmp_path):
     """The batch of 2 (written for the ranks), the initial weights and the reference step per case."""
-    from pipeline.trainer import SRPOTrainer
+    from helpers import StepHarness as SRPOTrainer
     from pipeline.srpo_step import StepBatch
 
     overrides = tiny_overrides + ["train.batch_size=2"]
@@ -221,13 +222,13 @@ def _run_ranks(parity, engines: list[tuple[str, int, str]]) -> None:
 def test_single_engine_is_the_trainer_step_bit_for_bit(tiny_cfg):
     from pipeline.parallel import LearnerEngine, build_engine
     from pipeline.srpo_step import StepBatch, srpo_backward
-    from pipeline.trainer import SRPOTrainer
+    from helpers import StepHarness as SRPOTrainer
 
     cfg = tiny_cfg("train.batch_size=2")
     torch.manual_seed(0)
     tr = SRPOTrainer(cfg)
     engine = build_engine("single", copy.deepcopy(tr.transformer), cfg.optim, tr.device,
-                          cfg.train.mixed_precision, cfg.model.activation_checkpointing)
+                          cfg.train.mixed_precision, cfg.model.activation_checkpointing, cfg.learner.zero_stage)
     assert isinstance(engine, LearnerEngine)
     for step in range(2):  # the second step replays AdamW's state too
         r = tr.rollout(CAPTIONS, generator=torch.Generator().manual_seed(step))
@@ -253,7 +254,7 @@ def test_single_engine_state_round_trip(tiny_cfg):
 
     cfg = tiny_cfg()
     plain = FluxTransformer2DModel.from_pretrained(cfg.model.path, subfolder="transformer")
-    engine = build_engine("single", copy.deepcopy(plain), cfg.optim, torch.device("cpu"), "fp32", False)
+    engine = build_engine("single", copy.deepcopy(plain), cfg.optim, torch.device("cpu"), "fp32", False, 2)
     state = engine.full_state_dict()
     assert list(state) == list(plain.state_dict())
     zeros = {k: torch.zeros_like(v) for k, v in state.items()}
@@ -305,8 +306,8 @@ def test_bad_strategy_and_missing_process_group(tiny_cfg):
 
     cfg = tiny_cfg()
     with pytest.raises(ValueError, match="learner.strategy"):
-        build_engine("ddp", nn.Linear(2, 2), cfg.optim, torch.device("cpu"), "fp32", False)
+        build_engine("ddp", nn.Linear(2, 2), cfg.optim, torch.device("cpu"), "fp32", False, 2)
     with pytest.raises(RuntimeError, match="process group"):
-        build_engine("fsdp2", nn.Linear(2, 2), cfg.optim, torch.device("cpu"), "fp32", False)
+        build_engine("fsdp2", nn.Linear(2, 2), cfg.optim, torch.device("cpu"), "fp32", False, 2)
     with pytest.raises(ValueError, match="zero_stage"):
         build_engine("deepspeed", nn.Linear(2, 2), cfg.optim, torch.device("cpu"), "fp32", False, zero_stage=1)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.embeddings import (META, check_compatible, contiguous_runs, load_embeddings, part_files, preprocess,
-                                 read_captions, read_embedding_dataset, read_index, unique_captions)
+from pipeline.embeddings import (META, check_compatible, contiguous_runs, load_embeddings, part_files, read_captions,
+                                 read_index, unique_captions)
+from pipeline.ray.preprocess import preprocess, read_embedding_dataset
 
 LONG = ("a highly detailed photograph of an old stone lighthouse on a rocky cliff above a stormy sea at dusk, "
         "with waves crashing against the rocks, seagulls circling the lamp, dramatic clouds lit orange and "
@@ -147,13 +148,13 @@ def test_preprocess_counts_embeddings_resume_and_append(tiny_cfg, ray_local, tmp
 def test_training_from_the_parquet_takes_the_same_first_step_as_encoding_on_the_fly(tiny_cfg, ray_local, tmp_path):
     """The learner's first batch through the Ray Data stream, with and without data.prompt_embeddings,
     then the learner's SRPO step (colocated rollout and reward) on each: identical, bit for bit."""
-    from actors.rollout import conditioning_from_batch, draw_eps
     from pipeline.models import load_adapter
     from pipeline.objective import ColocatedReward
     from pipeline.rollout import sample_x0
     from pipeline.srpo_step import StepBatch, build_optimizer, grid_from_config, srpo_step
-    from pipeline.ray.stream import build_dataset, global_batch
-    from pipeline.trainer import reward_model_from_config
+    from pipeline.ray.stream import build_dataset
+    from pipeline.sources import draw_eps, global_batch
+    from pipeline.objective import reward_model_from_config
 
     on_the_fly = tiny_cfg("rollout.placement=colocated", "train.max_steps=2")
     out = tmp_path / "emb"
@@ -173,7 +174,7 @@ def test_training_from_the_parquet_takes_the_same_first_step_as_encoding_on_the_
     def first_step(cfg, batch):
         torch.manual_seed(0)
         adapter = load_adapter("flux", cfg.model.path, "cpu", cfg.model.max_sequence_length, load_text_encoders=False)
-        cond = conditioning_from_batch(batch, torch.device("cpu"))
+        cond = adapter.conditioning_from_arrays(batch, torch.device("cpu"))
         eps = draw_eps(adapter, [int(s) for s in batch["noise_seed"]], cfg.data.resolution)
         x0 = sample_x0(adapter, adapter.transformer, eps, cond, cfg.data.resolution, cfg.rollout.steps,
                        cfg.rollout.shift, cfg.rollout.guidance)

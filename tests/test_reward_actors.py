@@ -22,7 +22,7 @@ from actors.reward import RemoteReward, RewardWorker, start_reward_actors, worke
 from pipeline.direct_align import direct_align, plan_branches  # noqa: E402
 from pipeline.objective import ColocatedReward  # noqa: E402
 from pipeline.srpo_step import StepBatch, request_for, srpo_backward  # noqa: E402
-from pipeline.trainer import SRPOTrainer  # noqa: E402
+from helpers import StepHarness as SRPOTrainer  # noqa: E402
 from rewards.srp import semantic_relative_preference  # noqa: E402
 
 REMOTE = ("reward.placement=remote", "reward.num_actors=2", "reward.num_cpus=1", "train.batch_size=2")

@@ -7,7 +7,7 @@ import torch
 from pipeline.direct_align import plan_branches
 from pipeline.objective import RewardRequest, relay_surrogate
 from pipeline.srpo_step import StepBatch, request_for, srpo_backward, srpo_step
-from pipeline.trainer import SRPOTrainer
+from helpers import StepHarness as SRPOTrainer
 
 
 @pytest.fixture()

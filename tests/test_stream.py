@@ -72,7 +72,8 @@ def test_rollout_sample_records_the_version_that_made_it(tiny_cfg, tiny_world, s
 @pytest.mark.parametrize("max_staleness", [0, 2])
 def test_staleness_bound_holds_with_a_slow_learner(tiny_cfg, tiny_world, store, ray_local, max_staleness):
     """A fake learner consumes the real stream slowly and publishes a version per step."""
-    from pipeline.ray.stream import build_dataset, global_batch
+    from pipeline.ray.stream import build_dataset
+    from pipeline.sources import global_batch
 
     cfg = tiny_cfg("rollout.placement=actors", "rollout.num_actors=2", f"rollout.max_staleness={max_staleness}",
                    "train.batch_size=2", "learner.num_workers=1", "train.max_steps=6", "rollout.steps=2")

@@ -12,12 +12,16 @@ Shapes (B batch, H = W = resolution in pixels):
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.models.flux_sampling import sample_batch
 from pipeline.schedules import model_timestep
 
 # FLUX VAE latent normalisation (SRPO_SPEC notation): z_model = (z_vae - shift) * scale.
@@ -89,8 +93,10 @@ class FluxAdapter:
     """
 
     family = "flux"
+    transformer_class_name = "FluxTransformer2DModel"
     vae_scale_factor = 8  # three 2x downsamples in the FLUX VAE
     latent_channels = 16
+    resolution_multiple = 16  # VAE /8, then 2x2 patches
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                  max_sequence_length: int = 512, device: torch.device | str = "cpu") -> None:
@@ -137,6 +143,76 @@ class FluxAdapter:
             tok = AutoTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
             tok2 = AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True)
         return cls(transformer, vae, te, tok, te2, tok2, max_sequence_length, device)
+
+    # ---------------------------------------------------------------- family level (no weights loaded)
+    @classmethod
+    def parameter_template(cls, model_path: str | Path) -> dict[str, tuple[int, ...]]:
+        """Parameter names and shapes of the FluxTransformer2DModel of ``<model_path>/transformer``.
+
+        Built on the meta device: no memory, no weights read (the config only); what export checks
+        a state dict against before writing a diffusers folder.
+        """
+        from diffusers import FluxTransformer2DModel
+
+        folder = Path(model_path) / "transformer"
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder / 'config.json'}: missing; expected the base model's transformer config")
+        config = FluxTransformer2DModel.load_config(folder)
+        with torch.device("meta"):
+            model = FluxTransformer2DModel.from_config(config)
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    @classmethod
+    def conditioning_shapes(cls, model_path: str | Path, max_sequence_length: int) -> dict[str, list[int]]:
+        """Per-prompt shapes of :meth:`conditioning_to_arrays`, from the text encoders' configs (none loaded).
+
+        Raises ValueError naming the folder when a config is missing or lacks its width key.
+        """
+        root = Path(model_path)
+        try:
+            d_t5 = int(json.loads((root / "text_encoder_2" / "config.json").read_text())["d_model"])
+            d_clip = int(json.loads((root / "text_encoder" / "config.json").read_text())["hidden_size"])
+        except (OSError, KeyError, ValueError) as e:
+            raise ValueError(f"cannot read the text encoders' config.json under {root} ({e}); expected "
+                             "text_encoder/config.json (hidden_size) and text_encoder_2/config.json (d_model)") from e
+        return {"prompt_embeds": [int(max_sequence_length), d_t5], "pooled": [d_clip]}
+
+    @classmethod
+    def load_tokenizers(cls, model_path: str | Path) -> tuple[Any, Any]:
+        """(CLIP tokenizer, T5 tokenizer) as :meth:`load` reads them; the CLIP limit is its model_max_length,
+        the T5 limit is max_sequence_length. Raises FileNotFoundError naming a missing folder."""
+        from transformers import AutoTokenizer
+
+        root = Path(model_path)
+        for sub in ("tokenizer", "tokenizer_2"):
+            if not (root / sub).is_dir():
+                raise FileNotFoundError(f"{root / sub}: missing; expected the FLUX.1-dev component '{sub}'")
+        return (AutoTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),
+                AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True))
+
+    @staticmethod
+    def shard_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        """The units FSDP2 shards one by one: every double-stream block, then every single-stream block
+        (torchtitan's FLUX ``parallelize``); the root is sharded last by the engine."""
+        blocks = [*getattr(transformer, "transformer_blocks", []), *getattr(transformer, "single_transformer_blocks", [])]
+        if not blocks:
+            raise TypeError(f"{type(transformer).__name__}: no transformer_blocks / single_transformer_blocks to "
+                            "shard; expected a FluxTransformer2DModel")
+        return blocks
+
+    @staticmethod
+    def conditioning_to_arrays(cond: TextConditioning) -> dict[str, np.ndarray]:
+        """{"prompt_embeds": [B, L, d_t5], "pooled": [B, d_clip]} float32 on the CPU (text_ids are zeros,
+        rebuilt by :meth:`conditioning_from_arrays`): the columns of Ray Data batches and parquet rows."""
+        return {"prompt_embeds": cond.prompt_embeds.detach().float().cpu().numpy(),
+                "pooled": cond.pooled.detach().float().cpu().numpy()}
+
+    @staticmethod
+    def conditioning_from_arrays(batch: Mapping[str, Any], device: torch.device | str) -> TextConditioning:
+        """Inverse of :meth:`conditioning_to_arrays` (extra keys of the batch are ignored)."""
+        embeds = torch.as_tensor(np.asarray(batch["prompt_embeds"]), dtype=torch.float32, device=device)
+        pooled = torch.as_tensor(np.asarray(batch["pooled"]), dtype=torch.float32, device=device)
+        return TextConditioning(embeds, pooled, torch.zeros(embeds.shape[1], 3, device=device))
 
     # ---------------------------------------------------------------- text
     @torch.no_grad()
@@ -190,7 +266,7 @@ class FluxAdapter:
         out = transformer(
             hidden_states=x,
             timestep=t,
-            guidance=g if getattr(_unwrap(transformer).config, "guidance_embeds", True) else None,
+            guidance=g if self.uses_guidance(transformer) else None,
             pooled_projections=cond.pooled,
             encoder_hidden_states=cond.prompt_embeds,
             txt_ids=cond.text_ids,
@@ -198,6 +274,19 @@ class FluxAdapter:
             return_dict=False,
         )[0]
         return out.float()
+
+    @staticmethod
+    def uses_guidance(transformer: torch.nn.Module) -> bool:
+        """Whether the transformer embeds the distilled guidance (FLUX.1-dev does, FLUX.1-schnell does not)."""
+        return bool(getattr(_unwrap(transformer).config, "guidance_embeds", True))
+
+    def sample_images(self, transformer: torch.nn.Module, prompts: list[str], seeds: list[int], steps: int,
+                      guidance: float, resolution: int, scheduler_config: dict[str, Any] | None = None,
+                      mixed_precision: str = "fp32") -> Tensor:
+        """One batch as FluxPipeline samples it (see :mod:`pipeline.models.flux_sampling`); CPU fp32
+        images [B, 3, H, W] in [0, 1]. ``scheduler_config`` None = FLUX.1-dev's."""
+        return sample_batch(self, transformer, prompts, seeds, steps, guidance, resolution, scheduler_config,
+                            mixed_precision)
 
     # ---------------------------------------------------------------- VAE
     def decode(self, x: Tensor, resolution: int) -> Tensor:

@@ -16,7 +16,21 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, ConfigError, absolute_paths
+import ray
+from ray.data import DataContext
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from actors.learner import train_loop_per_worker
+from actors.reward import start_reward_actors
+from actors.weights import WeightStore
+from pipeline.checkpoint import ray_snapshot_step
+from pipeline.config import Config, absolute_paths
+from pipeline.embeddings import check_compatible
+from pipeline.learner import EXPORT_NAME
+from pipeline.ray.images import scan_images as scan_images_ray
+from pipeline.ray.stream import build_dataset, ingest_options
+from pipeline.runs import check_resumable, close_run, log_image_scan, open_run
 
 
 def connect_ray(num_cpus: int | None = None, runtime_env: dict[str, Any] | None = None) -> None:
@@ -28,8 +42,6 @@ def connect_ray(num_cpus: int | None = None, runtime_env: dict[str, Any] | None 
     at import time, so it is set both in the environment (for the raylet and workers) and on the
     constants module (for this process).
     """
-    import ray
-
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -72,120 +84,71 @@ def _dataset_factory(cfg: Config, store, storage: str, ray_run_name: str, images
     group, so a restarted group reads from the step of the checkpoint it restores instead of
     regenerating every earlier sample."""
     def make():
-        from pipeline.checkpoint import ray_snapshot_step
-        from pipeline.ray.stream import build_dataset
-
         return build_dataset(cfg, store, start_step=ray_snapshot_step(storage, ray_run_name), images=images)
 
     return make
 
 
+def _start_actors(cfg: Config, loop_config: dict[str, Any]) -> list[Any]:
+    """The weight store (rollout actors) and the reward actors (gradient relay), when configured."""
+    actors: list[Any] = []
+    if cfg.rollout.mode == "online" and cfg.rollout.placement == "actors":
+        loop_config["store"] = ray.remote(WeightStore).options(num_cpus=0, max_restarts=0).remote()
+        actors.append(loop_config["store"])
+    if cfg.reward.placement == "remote":
+        loop_config["reward_actors"] = start_reward_actors(cfg)
+        actors.extend(loop_config["reward_actors"])
+    return actors
+
+
+def _trainer(cfg: Config, loop_config: dict[str, Any], storage: str, ray_run_name: str, images) -> TorchTrainer:
+    # The learner prints one progress line per step; Ray Data's bars would interleave with it.
+    DataContext.get_current().enable_progress_bars = False
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.learner.num_workers, use_gpu=cfg.learner.use_gpu,
+                                     resources_per_worker={"CPU": cfg.learner.num_cpus}),
+        run_config=RunConfig(name=ray_run_name, storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        datasets={"train": _dataset_factory(cfg, loop_config.get("store"), storage, ray_run_name, images)},
+        dataset_config=DataConfig(execution_options=ingest_options()),
+    )
+
+
 def run_ray(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """Train on Ray. ``resume``: a run folder of an earlier (stopped or failed) run to continue:
     same Ray Train run name (Ray restores its latest registered checkpoint), same MLflow run."""
-    import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from actors.learner import train_loop_per_worker
-    from pipeline.checkpoint import RUN_FILE, read_run, write_json_atomic
-    from pipeline.ray.stream import ingest_options
-    from pipeline.tracking import MLflowRun, default_tracking_uri
-
     if cfg.learner.num_workers < 1:
         raise ValueError("learner.num_workers: the Ray pipeline needs >= 1 learner worker")
     cfg = absolute_paths(cfg)  # Ray workers do not run in this directory
-    out = Path(cfg.output.dir).resolve()
     if cfg.data.prompt_embeddings and cfg.rollout.mode == "online":
-        from pipeline.embeddings import check_compatible
-
         check_compatible(cfg.data.prompt_embeddings, cfg)  # same encoder, complete: before any cluster work
-    previous = read_run(resume) if resume is not None else None
-    if previous is None and (out / RUN_FILE).is_file():
-        # A new run in the folder of an old one: both stay in MLflow and under ray/, but run.json (what
-        # --resume, export and evaluate read) now names the new run.
-        print(f"[srpo] {out} held run {read_run(out).get('run_id')}; starting a new run there", flush=True)
-    if previous is not None:
-        from pipeline.checkpoint import ray_snapshot_step
-
-        done = ray_snapshot_step(out / "ray", previous["ray_run_name"])
-        if done >= cfg.train.max_steps:
-            raise ConfigError(f"train.max_steps: the run in {out} has already trained {done} steps; "
-                             f"resume with train.max_steps > {done} to train longer")
-    images = None
+    previous = check_resumable(cfg, resume, ray_run=True)
     connect_ray(num_cpus=int(max(8, required_cpus(cfg) + 2)))
-    out.mkdir(parents=True, exist_ok=True)
-    run = MLflowRun(cfg, resume_run_id=previous["run_id"] if previous else None)
-    ray_run_name = previous["ray_run_name"] if previous else f"srpo-{run.run_id[:8]}"
-    write_json_atomic(out / RUN_FILE, {"run_id": run.run_id, "tracking_uri": default_tracking_uri(cfg),
-                                       "experiment": cfg.log.experiment, "ray_run_name": ray_run_name,
-                                       "storage_path": str(out / "ray")})
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    status = "FAILED"
-    actors: list[Any] = []
+    run = open_run(cfg, previous, ray_run=True)
+    ray_run_name, storage = run.info["ray_run_name"], run.info["storage_path"]
+    status, actors = "FAILED", []
     try:
+        images = None
         if cfg.rollout.mode == "offline":
-            images = _scan_offline_images(cfg, run)
+            scan = scan_images_ray(cfg.data.images, cfg.data.resolution, cfg.data.min_image_size)
+            images = log_image_scan(scan, run.tracker)
         loop_config: dict[str, Any] = {
-            "cfg": cfg.to_dict(), "mlflow_run_id": run.run_id, "tracking_uri": default_tracking_uri(cfg),
-            "export_path": str(out / "transformer" / "diffusion_pytorch_model.safetensors"),
+            "cfg": cfg.to_dict(), "mlflow_run_id": run.tracker.run_id, "tracking_uri": run.info["tracking_uri"],
             "fault": {k: v for k, v in os.environ.items() if k.startswith("SRPO_FAULT_")},
         }
-        store = None
-        if cfg.rollout.mode == "online" and cfg.rollout.placement == "actors":
-            from actors.weights import WeightStore
-
-            store = ray.remote(WeightStore).options(num_cpus=0, max_restarts=0).remote()
-            loop_config["store"] = store
-            actors.append(store)
-        if cfg.reward.placement == "remote":
-            from actors.reward import start_reward_actors
-
-            loop_config["reward_actors"] = start_reward_actors(cfg)
-            actors.extend(loop_config["reward_actors"])
-        from ray.data import DataContext
-
-        # The learner prints one progress line per step; Ray Data's bars would interleave with it.
-        DataContext.get_current().enable_progress_bars = False
-        storage = str(out / "ray")
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=loop_config,
-            scaling_config=ScalingConfig(num_workers=cfg.learner.num_workers, use_gpu=cfg.learner.use_gpu,
-                                         resources_per_worker={"CPU": cfg.learner.num_cpus}),
-            run_config=RunConfig(name=ray_run_name, storage_path=storage,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
-            datasets={"train": _dataset_factory(cfg, store, storage, ray_run_name, images)},
-            dataset_config=DataConfig(execution_options=ingest_options()),
-        )
-        result = trainer.fit()
-        export = Path(loop_config["export_path"])
-        if export.is_file():
-            run.log_artifact(export, "transformer")
-        best = out / "best" / "diffusion_pytorch_model.safetensors"
-        if best.is_file():
-            run.log_artifact(best, "best")
-            run.log_artifact(out / "best" / "best.json", "best")
+        actors = _start_actors(cfg, loop_config)
+        result = _trainer(cfg, loop_config, storage, ray_run_name, images).fit()
         status = "FINISHED"
-        return {"run_id": run.run_id, "tracking_uri": default_tracking_uri(cfg), "export": str(export),
-                "checkpoint": result.checkpoint.path if result.checkpoint else None, "run_dir": str(out)}
+        return {"run_id": run.tracker.run_id, "tracking_uri": run.info["tracking_uri"],
+                "export": str(run.out / EXPORT_NAME), "run_dir": str(run.out),
+                "checkpoint": result.checkpoint.path if result.checkpoint else None}
     finally:
-        run.end(status)
+        close_run(run, status)
         for a in actors:
             try:
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - best-effort clean-up of our own actors
                 pass
-
-
-def _scan_offline_images(cfg: Config, run) -> list:
-    """Decode every image once before any learner starts; log what was skipped and why."""
-    from pipeline.images import scan_images
-
-    scan = scan_images(cfg.data.images, cfg.data.resolution, cfg.data.min_image_size, use_ray=True)
-    run.log_metrics(scan.metrics(), step=0)
-    run.log_dict(scan.report(), "data/skipped_images.json")
-    counts = {k: v for k, v in scan.counts.items() if v}
-    print(f"[srpo] offline data: {len(scan.usable)} usable images, {len(scan.skipped)} skipped {counts}", flush=True)
-    return scan.usable

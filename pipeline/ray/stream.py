@@ -13,8 +13,8 @@
 Rows start at ``start_step`` (a resumed run): the rows of a step never depend on earlier rows, so
 the data position of a checkpoint is its step.
 
-Row schema (one sample): sample_index int64 (global order), step int64 (the learner step it is for:
-sample_index // global_batch), caption str, noise_seed int64 (regenerates eps), then the stage outputs.
+Row schema (one sample): see pipeline/sources.py (sample_index, step, caption, noise_seed, level_seed,
+then the stage outputs); the stages are the same plain classes the single-process source runs.
 Ray Data cannot read an unbounded stream, so the row count is bounded by the run length; order is
 preserved so that a sample meets the learner at the step it was generated for (which is what the
 staleness bound is computed against). Memory stays bounded by Ray Data's streaming backpressure
@@ -22,42 +22,13 @@ plus the rollout stage's flow control (it waits for the learner; see actors/weig
 """
 from __future__ import annotations
 
-from typing import Any
+import ray
+from ray.data import ActorPoolStrategy
+from ray.train import DataConfig
 
+from actors.rollout import RolloutStage
 from pipeline.config import Config
-from pipeline.data import read_prompts
-
-
-def global_batch(cfg: Config) -> int:
-    return cfg.train.batch_size * max(1, cfg.learner.num_workers)
-
-
-def training_captions(cfg: Config) -> list[str]:
-    """The captions sample i cycles over: the prompts file, or the `srpo preprocess` output."""
-    if cfg.data.prompt_embeddings:
-        from pipeline.embeddings import read_captions
-
-        return read_captions(cfg.data.prompt_embeddings)
-    return read_prompts(cfg.data.prompts)
-
-
-def sample_rows(cfg: Config, items: list[dict[str, Any]], start_step: int = 0) -> list[dict[str, Any]]:
-    """Rows for steps start_step..max_steps-1: sample i is items[i % len(items)] plus its index,
-    step and noise seed. ``items`` are {"caption": ...} (online) or {"caption", "path"} (offline)."""
-    from actors.rollout import noise_seed
-
-    gb = global_batch(cfg)
-    rows = []
-    for i in range(start_step * gb, cfg.train.max_steps * gb):
-        rows.append({**items[i % len(items)], "sample_index": i, "step": i // gb,
-                     "noise_seed": noise_seed(cfg, i, gb, cfg.train.batch_size)})
-    return rows
-
-
-def prompt_rows(cfg: Config, start_step: int = 0) -> list[dict[str, Any]]:
-    # prompt_index: the row of the caption in the `srpo preprocess` output (read_captions order).
-    return sample_rows(cfg, [{"caption": c, "prompt_index": i} for i, c in enumerate(training_captions(cfg))],
-                       start_step)
+from pipeline.sources import EmbeddingLookupStage, ImageEncodeStage, TextEmbedStage, image_rows, prompt_rows
 
 
 def build_dataset(cfg: Config, store=None, start_step: int = 0, images: list | None = None):
@@ -65,18 +36,11 @@ def build_dataset(cfg: Config, store=None, start_step: int = 0, images: list | N
 
     ``images``: the usable ImageRecords of the offline pre-flight scan (rollout.mode=offline).
     """
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    from actors.rollout import EmbeddingLookupStage, ImageEncodeStage, RolloutStage, TextEmbedStage
-
     cfg_dict = cfg.to_dict()
     b = cfg.train.batch_size
     offline = cfg.rollout.mode == "offline"
     if offline:
-        if not images:
-            raise ValueError("rollout.mode=offline: no usable images were passed to the stream")
-        rows = sample_rows(cfg, [{"caption": r.caption, "path": r.path} for r in images], start_step)
+        rows = image_rows(cfg, images or [], start_step)
     else:
         rows = prompt_rows(cfg, start_step)
     if not rows:
@@ -111,8 +75,6 @@ def build_dataset(cfg: Config, store=None, start_step: int = 0, images: list | N
 
 def ingest_options():
     """Execution options for the learner's shards: ordered, so steps line up with policy versions."""
-    from ray.train import DataConfig
-
     opts = DataConfig.default_ingest_options()
     opts.preserve_order = True
     return opts

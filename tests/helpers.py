@@ -1,0 +1,72 @@
+"""The pieces of a single-process SRPO step, for tests that drive the step directly (no Learner loop).
+
+Built from the same core components the Learner uses: the adapter (with text encoders, for prompts),
+the single engine, the colocated reward and the training grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import Config
+from pipeline.data import read_prompts
+from pipeline.device import resolve_device
+from pipeline.models import load_adapter
+from pipeline.objective import colocated_reward
+from pipeline.parallel import SingleEngine
+from pipeline.rollout import sample_x0
+from pipeline.srpo_step import StepBatch, grid_from_config, srpo_step
+
+
+@dataclass
+class Rollout:
+    captions: list[str]
+    cond: object
+    eps: torch.Tensor
+    x0: torch.Tensor
+
+
+class StepHarness:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        self.adapter = load_adapter(cfg.model.family, cfg.model.path, self.device, cfg.model.max_sequence_length)
+        self.engine = SingleEngine(self.adapter.transformer, cfg.optim, self.device,
+                                   cfg.model.activation_checkpointing)
+        self.transformer, self.optimizer = self.engine.transformer, self.engine.optimizer
+        self.objective = colocated_reward(cfg, self.adapter, self.device)
+        self.reward_model = self.objective.reward_model
+        self.grid = grid_from_config(cfg.srpo, cfg.rollout.shift)
+        self.prompts = read_prompts(cfg.data.prompts)
+        self.noise_generator = torch.Generator().manual_seed(cfg.seed)
+        self.level_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+
+    @torch.no_grad()
+    def rollout(self, captions: list[str], generator: torch.Generator | None = None) -> Rollout:
+        cfg = self.cfg
+        cond = self.adapter.encode_prompts(captions)
+        eps = self.adapter.sample_noise(len(captions), cfg.data.resolution, generator or self.noise_generator)
+        self.transformer.eval()
+        x0 = sample_x0(self.adapter, self.transformer, eps, cond, cfg.data.resolution, cfg.rollout.steps,
+                       cfg.rollout.shift, cfg.rollout.guidance, cfg.train.mixed_precision)
+        self.transformer.train()
+        return Rollout(captions, cond, eps, x0)
+
+    def train_step(self, rollout: Rollout | None = None, levels: list[list[int]] | None = None):
+        """The functional SRPO step (plain autograd + AdamW), independent of the engines."""
+        cfg = self.cfg
+        if rollout is None:
+            b, n = cfg.train.batch_size, len(self.prompts)
+            rollout = self.rollout([self.prompts[(self.step * b + i) % n] for i in range(b)])
+        batch = StepBatch(x0=rollout.x0, eps=rollout.eps, cond=rollout.cond, captions=rollout.captions)
+        metrics = srpo_step(self.adapter, self.transformer, self.optimizer, self.objective, self.grid, cfg.srpo,
+                            batch, self.step, self.level_generator, cfg.data.resolution, cfg.rollout.shift,
+                            cfg.optim.max_grad_norm, cfg.train.mixed_precision, levels)
+        self.step += 1
+        return metrics
+
+    def fit(self, steps: int) -> None:
+        for _ in range(steps):
+            self.train_step()
