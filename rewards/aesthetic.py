@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from rewards.base import RewardCheckpointError
+from rewards.hf_clip import HFCLIPReward
 
 AESTHETIC_FILE_NAME = "sac+logos+ava1-l14-linearMSE.pth"
 # (index in ``layers``, out_features) of the Linear layers; the first one's in_features is inferred.
@@ -127,8 +128,6 @@ class AestheticPredictor(nn.Module):
     def load(cls, path: str | Path, clip_path: str | Path, device: str | torch.device = "cpu",
              tokenizer_path: str | Path | None = None) -> "AestheticPredictor":
         """``path``: the .pth head; ``clip_path``: a transformers CLIPModel folder (CLIP ViT-L/14)."""
-        from rewards.hf_clip import HFCLIPReward
-
         mlp = load_aesthetic_mlp(path, device)
         clip = HFCLIPReward.load(clip_path, kind="clip", tokenizer_path=tokenizer_path, device=device)
         return cls(clip, mlp).requires_grad_(False).eval()

@@ -6,6 +6,8 @@ from pathlib import Path
 import torch
 
 from rewards.base import RewardModel
+from rewards.hf_clip import HFCLIPReward
+from rewards.hps import HPSv2Reward
 
 REWARD_KINDS = ("hpsv2", "pickscore", "clip")
 
@@ -24,11 +26,7 @@ def load_reward_model(
     an optional separate tokenizer folder ("" or None = ``path``).
     """
     if kind == "hpsv2":
-        from rewards.hps import HPSv2Reward
-
         return HPSv2Reward.load(path, arch=arch or "ViT-H-14", device=device)
     if kind in ("pickscore", "clip"):
-        from rewards.hf_clip import HFCLIPReward
-
         return HFCLIPReward.load(path, kind=kind, tokenizer_path=tokenizer_path or None, device=device)
     raise ValueError(f"unknown reward kind {kind!r}; valid kinds: {', '.join(REWARD_KINDS)}")

@@ -9,22 +9,32 @@ report plain scores, so evaluation must too or its numbers are not comparable wi
 - aesthetic: LAION improved aesthetic predictor  (~5.9 for FLUX; image only, captions ignored)
 
 Every scorer maps images [B, 3, H, W] in [0, 1] and B captions to CPU fp32 scores [B], without
-gradient. The metric name is ``ScorerConfig.name or ScorerConfig.kind``.
+gradient. The metric name is ``name or kind`` of its :class:`ScorerSpec`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from rewards.aesthetic import AestheticPredictor
 from rewards.base import RewardModel
-
-if TYPE_CHECKING:
-    from pipeline.config import ScorerConfig
-    from rewards.aesthetic import AestheticPredictor
+from rewards.loader import load_reward_model
 
 SCORER_KINDS = ("hpsv2", "pickscore", "clip", "aesthetic")
+
+
+class ScorerSpec(Protocol):
+    """What a scorer is loaded from (``pipeline.config.ScorerConfig`` is one); rewards/ does not import
+    the trainer's config, so the fields it reads are declared here."""
+
+    kind: str
+    path: str
+    arch: str
+    tokenizer_path: str
+    clip_path: str
+    name: str
 
 
 @runtime_checkable
@@ -76,7 +86,7 @@ class TextImageScorer:
 class AestheticScorer:
     """The LAION aesthetic predictor; captions are only checked for length (it is image-only)."""
 
-    def __init__(self, name: str, predictor: "AestheticPredictor") -> None:
+    def __init__(self, name: str, predictor: AestheticPredictor) -> None:
         self.name = name
         self.kind = "aesthetic"
         self.predictor = predictor
@@ -87,27 +97,23 @@ class AestheticScorer:
         return self.predictor(images).float().cpu()
 
 
-def load_scorer(sc: "ScorerConfig", device: str | torch.device = "cpu") -> Scorer:
-    """A frozen scorer from a ``ScorerConfig`` (local files only)."""
+def load_scorer(sc: ScorerSpec, device: str | torch.device = "cpu") -> Scorer:
+    """A frozen scorer from a :class:`ScorerSpec` (``pipeline.config.ScorerConfig``; local files only)."""
     name = sc.name or sc.kind
     if sc.kind == "aesthetic":
-        from rewards.aesthetic import AestheticPredictor
-
         if not sc.clip_path:
             raise ValueError(f"scorer {name!r}: kind aesthetic needs clip_path, a transformers CLIPModel folder "
                              "(CLIP ViT-L/14)")
         return AestheticScorer(name, AestheticPredictor.load(sc.path, sc.clip_path, device,
                                                              tokenizer_path=sc.tokenizer_path or None))
     if sc.kind in ("hpsv2", "pickscore", "clip"):
-        from rewards.loader import load_reward_model
-
         model = load_reward_model(sc.kind, sc.path, arch=sc.arch, tokenizer_path=sc.tokenizer_path or None,
                                   device=device)
         return TextImageScorer(name, sc.kind, model)
     raise ValueError(f"scorer kind {sc.kind!r}: expected one of {', '.join(SCORER_KINDS)}")
 
 
-def load_scorers(configs: list["ScorerConfig"], device: str | torch.device = "cpu") -> list[Scorer]:
+def load_scorers(configs: list[ScorerSpec], device: str | torch.device = "cpu") -> list[Scorer]:
     """Load several scorers; metric names must be unique or their metrics would overwrite each other."""
     seen: dict[str, int] = {}
     for i, sc in enumerate(configs):

@@ -9,7 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import open_clip
 import torch
+from transformers import CLIPConfig, CLIPModel
+
+from rewards.aesthetic import AESTHETIC_FILE_NAME, AestheticMLP
+from rewards.hps import _quiet_random_init_warning, _resolve_arch
+from rewards.tiny_tokenizers import build_clip_tokenizer
 
 # A ViT-H-14-shaped open_clip config (ViT vision tower, causal text transformer, the real CLIP vocab
 # and context length, 224 px input) shrunk to width 32 / 2 layers. Patch 32 keeps it to 49 tokens.
@@ -27,10 +33,6 @@ def make_tiny_hps(out_dir: str | Path, seed: int = 0) -> dict:
 
     Returns {"checkpoint": <.pt path>, "arch": <config JSON path>} (the arguments of HPSv2Reward.load).
     """
-    import open_clip
-
-    from rewards.hps import _quiet_random_init_warning, _resolve_arch
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / TINY_OPEN_CLIP_CONFIG_NAME
@@ -53,10 +55,6 @@ def make_tiny_hf_clip(out_dir: str | Path, seed: int = 0) -> Path:
 
     Serves as the tiny PickScore and the tiny CLIP (both are CLIPModel folders).
     """
-    from transformers import CLIPConfig, CLIPModel
-
-    from pipeline.tiny_tokenizers import build_clip_tokenizer
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = CLIPConfig(
@@ -99,8 +97,6 @@ def make_tiny_aesthetic(out_dir: str | Path, input_dim: int = 32, seed: int = 0)
     the tiny CLIP's projection dim, so the file goes through the loader of the released one.
     Returns the file path.
     """
-    from rewards.aesthetic import AESTHETIC_FILE_NAME, AestheticMLP
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):

@@ -1,7 +1,7 @@
 """Offline tokenizers for the tiny world, built from vocab files that ship inside installed packages.
 
-Nothing can be downloaded, so the HF CLIP tokenizer (used by the PickScore / CLIP reward) is rebuilt
-from open_clip's bundled BPE file. The vocabulary is laid out exactly as open_clip's SimpleTokenizer
+Nothing can be downloaded, so the HF CLIP tokenizer (used by the PickScore / CLIP reward, and by the
+tiny FLUX's CLIP text encoder in pipeline/tiny.py) is rebuilt from open_clip's bundled BPE file. The vocabulary is laid out exactly as open_clip's SimpleTokenizer
 lays it out, so both give the same ids (the real CLIP vocab has the same layout).
 """
 from __future__ import annotations

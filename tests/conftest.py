@@ -73,3 +73,43 @@ def ray_local():
     assert ray.util.get_node_ip_address() == "127.0.0.1"
     yield ray
     ray.shutdown()
+
+
+# Colocated rollout and reward: nothing asynchronous, so a step's inputs are a function of the
+# restored state alone (the actor placements are exercised by test_ray_pipeline). Noise is not
+# shared across ranks, so the samples of a step are the same whatever the number of learners.
+RESUME_COMMON = ("rollout.placement=colocated", "reward.placement=colocated", "train.checkpoint_every=2",
+                 "train.keep_checkpoints=1", "log.image_every=0", "rollout.share_noise_across_ranks=false")
+
+
+def run_losses(run_id: str, tracking_uri: str, key: str = "loss") -> dict[int, list[float]]:
+    """Every logged value of ``key`` per step (a step logged twice after a restart has two)."""
+    from mlflow.tracking import MlflowClient
+
+    out: dict[int, list[float]] = {}
+    for m in MlflowClient(tracking_uri).get_metric_history(run_id, key):
+        out.setdefault(m.step, []).append(m.value)
+    return out
+
+
+def run_weights(run_dir: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def fsdp2_reference_run(ray_local, tiny_world, tmp_path_factory):
+    """4 uninterrupted steps of 2 FSDP2 learners (batch 2 each) through the real Ray Train worker
+    function: the reference of the resume tests and of the single-process parity test."""
+    from pipeline.config import load_config
+    from pipeline.ray.driver import run_ray
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    cfg = load_config(REPO / "configs/tiny.yaml", world_overrides(tiny_world, out) + [
+        *RESUME_COMMON, "train.max_steps=4", "learner.num_workers=2", "learner.strategy=fsdp2",
+        "train.batch_size=2"])
+    result = run_ray(cfg)
+    losses = run_losses(result["run_id"], result["tracking_uri"])
+    assert sorted(losses) == [0, 1, 2, 3] and all(len(v) == 1 for v in losses.values())
+    return {k: v[0] for k, v in losses.items()}, run_weights(out)

@@ -364,6 +364,7 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
         "pipeline/models/flux.py": "from pipeline.models.base import X\nclass FluxAdapter: text_ids = 1\n",
         "pipeline/models/base.py": "X = 1\n",
         "actors/__init__.py": "", "actors/a.py": "import pipeline.core\n",
+        "actors/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import jobs.j\n",
         "rewards/__init__.py": "", "rewards/r.py": "from pipeline.models.flux import FluxAdapter\n",
         "jobs/__init__.py": "", "jobs/j.py": "import pipeline.ray\n",
     })
@@ -378,4 +379,4 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
     assert "rewards/r.py:1  names 'FluxAdapter'" in flux
     assert not any("docstring" in v or "models/" in v or "pipeline/core.py:7" in v for v in flux)
     assert rule_project_imports_at_top(mods) == ["pipeline/core.py:8  imports actors.a (inside a function)"]
-    assert rule_jobs_are_entry_points(mods) == []
+    assert rule_jobs_are_entry_points(mods) == ["actors/b.py:3  imports jobs.j (under TYPE_CHECKING)"]

@@ -8,46 +8,15 @@ deterministic, so the losses and the final weights must be identical (atol 0).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 import torch
-from safetensors.torch import load_file
 
-# Colocated rollout and reward: nothing asynchronous, so a step's inputs are a function of the
-# restored state alone. The actor placements are exercised by test_ray_pipeline.
-COMMON = ("rollout.placement=colocated", "reward.placement=colocated", "train.checkpoint_every=2",
-          "train.keep_checkpoints=1", "log.image_every=0")
+from conftest import RESUME_COMMON as COMMON
+from conftest import run_losses as _losses
+from conftest import run_weights as _weights
 
 
-def _losses(run_id: str, tracking_uri: str) -> dict[int, list[float]]:
-    from mlflow.tracking import MlflowClient
-
-    out: dict[int, list[float]] = {}
-    for m in MlflowClient(tracking_uri).get_metric_history(run_id, "loss"):
-        out.setdefault(m.step, []).append(m.value)
-    return out
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def reference_run(ray_local, tiny_world, tmp_path_factory):
-    from conftest import REPO, world_overrides
-    from pipeline.config import load_config
-    from pipeline.ray.driver import run_ray
-
-    out = tmp_path_factory.mktemp("uninterrupted")
-    cfg = load_config(REPO / "configs/tiny.yaml", world_overrides(tiny_world, out) + [*COMMON, "train.max_steps=4"])
-    result = run_ray(cfg)
-    losses = _losses(result["run_id"], result["tracking_uri"])
-    assert sorted(losses) == [0, 1, 2, 3] and all(len(v) == 1 for v in losses.values())
-    return {k: v[0] for k, v in losses.items()}, _weights(out)
-
-
-def test_stop_resume_and_killed_learner_equal_the_uninterrupted_run(reference_run, ray_local, tiny_cfg, tmp_path,
+def test_stop_resume_and_killed_learner_equal_the_uninterrupted_run(fsdp2_reference_run, ray_local, tiny_cfg, tmp_path,
                                                                    monkeypatch):
     """A run stopped after 2 steps, continued with `srpo train --resume ... train.max_steps=4`; in the
     continued run learner rank 1 is SIGKILLed at step 3 and Ray Train (max_failures=1) restarts the
@@ -56,7 +25,7 @@ def test_stop_resume_and_killed_learner_equal_the_uninterrupted_run(reference_ru
     from pipeline.checkpoint import find_checkpoints, read_run
     from pipeline.ray.driver import run_ray
 
-    ref_losses, ref_weights = reference_run
+    ref_losses, ref_weights = fsdp2_reference_run
     out = tmp_path / "stopped"
     run_ray(tiny_cfg(*COMMON, "train.max_steps=2", f"output.dir={out}"))
     ckpts = find_checkpoints(out)

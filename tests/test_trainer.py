@@ -1,4 +1,4 @@
-"""The single-process trainer learns on the tiny preset, and the `srpo train` job logs a complete run."""
+"""The Learner learns on the tiny preset (single process), and the `srpo train` job logs a complete run."""
 import subprocess
 import sys
 from pathlib import Path
@@ -6,27 +6,41 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.checkpoint import LocalCheckpoints
 from pipeline.data import read_prompts
-from pipeline.trainer import SRPOTrainer
+from pipeline.gold import heldout_srp_reward
+from pipeline.learner import build_learner
+from pipeline.models import load_adapter
+from pipeline.sources import InProcessSource
 
 REPO = Path(__file__).resolve().parents[1]
 HELDOUT_SEED = 4321  # noise never used in training (training noise comes from cfg.seed)
 
 
-def _run(cfg, steps=30):
-    torch.manual_seed(0)
-    tr = SRPOTrainer(cfg)
+def _run(cfg, tmp_path, steps=30):
+    """Held-out reward of the Learner's policy before and after ``steps`` single-process steps."""
+    cfg.train.max_steps = steps
+    learner = build_learner(cfg, InProcessSource(cfg), LocalCheckpoints(tmp_path / "ckpt", 1),
+                            device=torch.device("cpu"))
     held = read_prompts(cfg.data.heldout_prompts)
-    assert not set(held) & set(tr.prompts), "held-out prompts must not be training prompts"
-    before = tr.mean_srp_reward(held, seed=HELDOUT_SEED)
-    tr.fit(steps)
-    after = tr.mean_srp_reward(held, seed=HELDOUT_SEED)
-    return before, after
+    assert not set(held) & set(read_prompts(cfg.data.prompts)), "held-out prompts must not be training prompts"
+    text = load_adapter(cfg.model.family, cfg.model.path, "cpu", cfg.model.max_sequence_length,
+                        load_transformer=False)
+    cond = text.encode_prompts(held)
+
+    def reward() -> float:
+        return heldout_srp_reward(cfg, learner.adapter, learner.engine.transformer, learner.objective.reward_model,
+                                  cond, held, seed=HELDOUT_SEED)
+
+    before = reward()
+    learner.run()
+    return before, reward()
 
 
-def test_thirty_steps_raise_heldout_reward_and_lr_zero_does_not(tiny_cfg):
-    before, after = _run(tiny_cfg())
-    before0, after0 = _run(tiny_cfg("optim.lr=0"))
+def test_thirty_steps_raise_heldout_reward_and_lr_zero_does_not(tiny_cfg, tmp_path):
+    before, after = _run(tiny_cfg("learner.num_workers=0"), tmp_path / "a")
+    before0, after0 = _run(tiny_cfg("learner.num_workers=0", "optim.lr=0", f"output.dir={tmp_path / 'b'}"),
+                           tmp_path / "b")
     print(f"\nheld-out mean SRP reward (full rollout): lr=3e-3 {before:.5f} -> {after:.5f};"
           f" lr=0 {before0:.5f} -> {after0:.5f}")
     assert before == pytest.approx(before0, abs=1e-7), "same start, same held-out noise"
