@@ -153,7 +153,8 @@ class TrainConfig:
 class LearnerConfig:
     # 0 = the single-process trainer (no Ray); N >= 1 = Ray Train TorchTrainer with N workers.
     num_workers: int = 0
-    strategy: Literal["fsdp2", "deepspeed"] = "fsdp2"
+    # single: one unsharded worker (num_workers=1: the single-process engine under Ray Train)
+    strategy: Literal["fsdp2", "deepspeed", "single"] = "fsdp2"
     zero_stage: int = 2  # deepspeed only: 2 or 3
     num_cpus: float = 1.0  # per learner worker
     use_gpu: bool = False
@@ -445,6 +446,9 @@ def validate(cfg: Config) -> None:
     _require(cfg.log.every >= 1, "log.every", f"got {cfg.log.every}, expected >= 1")
     _require(cfg.log.image_every >= 0, "log.image_every", f"got {cfg.log.image_every}, expected >= 0")
     _require(cfg.learner.num_workers >= 0, "learner.num_workers", f"got {cfg.learner.num_workers}, expected >= 0")
+    _require(cfg.learner.strategy != "single" or cfg.learner.num_workers <= 1, "learner.strategy",
+             f"got single with learner.num_workers={cfg.learner.num_workers}, expected fsdp2 or deepspeed "
+             "for more than one learner worker")
     _require(cfg.learner.zero_stage in (2, 3), "learner.zero_stage", f"got {cfg.learner.zero_stage}, expected 2 or 3")
     _require(cfg.rollout.num_actors >= 1, "rollout.num_actors", f"got {cfg.rollout.num_actors}, expected >= 1")
     _require(cfg.rollout.max_staleness >= 0, "rollout.max_staleness",

@@ -152,8 +152,9 @@ class Learner:
         cond = self.adapter.conditioning_from_arrays(batch, device)
         levels = self.srpo.sample_levels([int(s) for s in batch["level_seed"]])
         if "x0" in batch:
-            x0 = torch.as_tensor(np.asarray(batch["x0"]), dtype=torch.float32, device=device)
-            eps = torch.as_tensor(np.asarray(batch["eps"]), dtype=torch.float32, device=device)
+            # Copies, not views: aligned like every tensor the learner makes (see conditioning_from_arrays).
+            x0 = torch.tensor(np.asarray(batch["x0"]), dtype=torch.float32, device=device)
+            eps = torch.tensor(np.asarray(batch["eps"]), dtype=torch.float32, device=device)
             versions = batch.get("policy_version")
             lag = [step - int(v) for v in versions] if versions is not None else [0] * len(captions)
             timings = {"time/rollout_s": float(np.mean(batch["rollout_s"]))}

@@ -1,10 +1,10 @@
 """One learner for every process layout: the single process and Ray Train run the same Learner.
 
-- Ray Train with 1 worker (colocated rollout and reward) equals the single process: the same rows,
-  seeds, levels, lr schedule, step count and per-step losses. Not bit for bit: inside a Ray Train
-  worker the colocated rollout's x0 differs from the driver process's in the last float32 bit
-  (max |dx0| 4.8e-7 at step 0, same thread count, same inputs; measured), while FSDP2 at world size 1
-  in the driver process equals the single engine bit for bit. Hence rtol 1e-6 on the losses.
+- Ray Train with 1 worker (colocated rollout and reward, learner.strategy=single) equals the single
+  process, bit for bit on the CPU: the same rows, seeds, levels, lr schedule, step count, losses and
+  weights. (This needs the Ray Data columns copied into fresh tensors: MKL rounds differently with an
+  operand's alignment.) FSDP2 at world size 1 is not bit for bit: its clipping norm sums the
+  shards' squares in another order, so it is compared with a tolerance, like 2 workers.
 - 2 FSDP2 workers (batch 2 each) through the real Ray Train worker function equal the single
   process with batch 4 on the same samples, within float tolerance (the per-rank batch of the
   rollout and the gradient average over ranks change the order of float operations).
@@ -45,14 +45,12 @@ def test_ray_train_one_worker_equals_the_single_process(ray_local, tiny_world, t
     # The same CPU threads in both (a matmul's summation order depends on how many threads split it).
     common = ("learner.num_cpus=2", "train.batch_size=2", "train.max_steps=3", f"optim.lr={LR}", f"optim.warmup_steps={WARMUP}")
     single = run_local(_cfg(tiny_world, tmp_path / "single", "learner.num_workers=0", *common))
-    ray_run = run_ray(_cfg(tiny_world, tmp_path / "ray", "learner.num_workers=1", "learner.strategy=fsdp2", *common))
+    ray_run = run_ray(_cfg(tiny_world, tmp_path / "ray", "learner.num_workers=1", "learner.strategy=single", *common))
     for key in ("loss", "denoise/reward", "inversion/reward", "grad_norm", "rollout/reward"):
         a = run_losses(single["run_id"], single["tracking_uri"], key)
         b = run_losses(ray_run["run_id"], ray_run["tracking_uri"], key)
         assert sorted(a) == sorted(b) == [0, 1, 2], f"{key}: steps {sorted(a)} vs {sorted(b)}"
-        for s in a:
-            assert len(a[s]) == len(b[s]) == 1 and b[s][0] == pytest.approx(a[s][0], rel=1e-5, abs=1e-7), \
-                f"{key} at step {s}: single {a[s]} vs Ray Train {b[s]}"
+        assert a == b, f"{key}: single {a} vs Ray Train {b}"
     # The lr schedule (linear warmup over 2 steps), derived here, is what both applied.
     want = {s: [LR * min(1.0, (s + 1) / WARMUP)] for s in range(3)}
     for result in (single, ray_run):
@@ -61,18 +59,30 @@ def test_ray_train_one_worker_equals_the_single_process(ray_local, tiny_world, t
     w1, w2 = run_weights(tmp_path / "single"), run_weights(tmp_path / "ray")
     assert w1.keys() == w2.keys()
     for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=0, msg=name)
 
 
-def test_two_fsdp2_workers_equal_the_single_process_on_the_same_samples(fsdp2_reference_run, single_four_steps):
+def test_two_fsdp2_workers_equal_the_single_process_on_the_same_samples(fsdp2_reference_run, single_four_steps,
+                                                                       tiny_world):
+    """Losses to rtol 1e-5. Weights: AdamW divides each gradient element by its own running RMS, so a
+    last-bit difference in a near-zero gradient moves that element by up to a fraction of lr; after
+    4 steps the measured max |single - FSDP2| is 5.4e-6 against updates of up to 4 lr = 1.2e-2.
+    Bound: max 2% of lr, mean 0.1% of the mean update (measured 1.3e-8 vs 5.4e-3)."""
+    from safetensors.torch import load_file
+
     ref_losses, ref_weights = fsdp2_reference_run
     _, losses, weights, _ = single_four_steps
     for step in range(4):  # the mean over ranks of per-rank means = the mean over the global batch
         assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-7), step
-    moved = max(float((weights[k] - ref_weights[k]).abs().max()) for k in weights)
-    for name, ref in ref_weights.items():
-        torch.testing.assert_close(weights[name], ref, rtol=1e-4, atol=1e-6, msg=name)
-    print(f"\nmax |single - FSDP2| after 4 steps: {moved:.3g}")
+    initial = load_file(f"{tiny_world['flux']}/transformer/diffusion_pytorch_model.safetensors")
+    n = sum(w.numel() for w in weights.values())
+    max_diff = max(float((weights[k] - ref_weights[k]).abs().max()) for k in weights)
+    mean_diff = sum(float((weights[k] - ref_weights[k]).abs().sum()) for k in weights) / n
+    mean_update = sum(float((weights[k] - initial[k]).abs().sum()) for k in weights) / n
+    print(f"\nsingle vs 2 FSDP2 workers after 4 steps: max |dw| {max_diff:.3g}, mean |dw| {mean_diff:.3g}, "
+          f"mean |update| {mean_update:.3g}")
+    assert max_diff <= 0.02 * LR
+    assert mean_diff <= 1e-3 * mean_update
 
 
 def test_single_process_run_folder_checkpoints_and_exact_resume(single_four_steps, tiny_world, tmp_path):

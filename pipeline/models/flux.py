@@ -209,9 +209,13 @@ class FluxAdapter:
 
     @staticmethod
     def conditioning_from_arrays(batch: Mapping[str, Any], device: torch.device | str) -> TextConditioning:
-        """Inverse of :meth:`conditioning_to_arrays` (extra keys of the batch are ignored)."""
-        embeds = torch.as_tensor(np.asarray(batch["prompt_embeds"]), dtype=torch.float32, device=device)
-        pooled = torch.as_tensor(np.asarray(batch["pooled"]), dtype=torch.float32, device=device)
+        """Inverse of :meth:`conditioning_to_arrays` (extra keys of the batch are ignored).
+
+        Copied into new tensors: a Ray Data batch may hold views at any address, and MKL's matmuls
+        round differently with the operands' alignment (a 1-ulp difference in the rollout, measured).
+        """
+        embeds = torch.tensor(np.asarray(batch["prompt_embeds"]), dtype=torch.float32, device=device)
+        pooled = torch.tensor(np.asarray(batch["pooled"]), dtype=torch.float32, device=device)
         return TextConditioning(embeds, pooled, torch.zeros(embeds.shape[1], 3, device=device))
 
     # ---------------------------------------------------------------- text
