@@ -6,6 +6,7 @@ weight store (actors/weights.py). Batches are dicts of numpy arrays (row schema:
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -52,4 +53,5 @@ class RolloutStage:
         batch["weight_sync_s"] = np.full(n, t1 - t0, dtype=np.float64)
         batch["weight_sync_bytes"] = np.full(n, self.weights.last_sync_bytes, dtype=np.int64)
         batch["rollout_s"] = np.full(n, time.perf_counter() - t1, dtype=np.float64)
+        batch["rollout_pid"] = np.full(n, os.getpid(), dtype=np.int64)  # provenance across actor restarts
         return batch

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from pipeline.config import Config, ConfigError, absolute_paths, check_paths, load_config
+from pipeline.tiny import make_tiny_world
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -24,8 +25,6 @@ def prepared_config(args: argparse.Namespace, scorers: bool = False) -> Config:
     try:
         cfg = load_config(args.config, args.overrides)
         if cfg.tiny.enabled:
-            from pipeline.tiny import make_tiny_world
-
             make_tiny_world(cfg.tiny.dir, seed=cfg.tiny.seed)
         check_paths(cfg, scorers=scorers)
         cfg = absolute_paths(cfg)  # workers and actors run elsewhere than this directory

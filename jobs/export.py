@@ -20,6 +20,7 @@ from pathlib import Path
 from pipeline.checkpoint import read_run
 from pipeline.export import (WEIGHTS_NAME, WeightsSource, export_diffusers_folder, export_transformer,
                              read_weights, resolve_weights, source_step)
+from pipeline.tracking import ClientRun
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,20 +52,15 @@ def output_path(args: argparse.Namespace, source: WeightsSource) -> Path:
 def log_export(run_dir: Path, path: Path) -> str:
     """Log ``path`` (file or folder) as an artifact under ``export/`` of the run's MLflow run.
 
-    MlflowClient logs into the run without reopening it (``mlflow.start_run(run_id=...)`` would mark
-    a finished run RUNNING and then rewrite its end time); returns the run id.
+    Through the tracking facade's ClientRun, which logs into the run without reopening it; returns the
+    run id.
     """
-    from mlflow.tracking import MlflowClient
-
     info = read_run(run_dir)
     for key in ("run_id", "tracking_uri"):
         if not info.get(key):
             raise ValueError(f"{run_dir / 'run.json'}: field {key!r} is missing; expected it from `srpo train`")
-    client = MlflowClient(tracking_uri=info["tracking_uri"])
-    if path.is_dir():
-        client.log_artifacts(info["run_id"], str(path), f"export/{path.name}")
-    else:
-        client.log_artifact(info["run_id"], str(path), "export")
+    ClientRun(info["tracking_uri"], info["run_id"]).log_artifact(
+        path, f"export/{path.name}" if path.is_dir() else "export")
     return info["run_id"]
 
 

@@ -403,6 +403,12 @@ def _require(cond: bool, field_name: str, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
+    _validate_srpo(cfg)
+    _validate_run(cfg)
+    _validate_eval(cfg)
+
+
+def _validate_srpo(cfg: Config) -> None:
     s = cfg.srpo
     _require(cfg.data.resolution > 0 and cfg.data.resolution % 16 == 0, "data.resolution",
              f"got {cfg.data.resolution}, expected a positive multiple of 16 (VAE /8 then 2x2 patches)")
@@ -430,6 +436,9 @@ def validate(cfg: Config) -> None:
              f"got {s.injection_discount}, expected 0 < discount <= 1")
     _require(len(s.positive_words) >= 1, "srpo.positive_words", "expected at least one word")
     _require(len(s.negative_words) >= 1, "srpo.negative_words", "expected at least one word")
+
+
+def _validate_run(cfg: Config) -> None:
     o = cfg.optim
     _require(o.lr >= 0, "optim.lr", f"got {o.lr}, expected >= 0")
     _require(len(o.betas) == 2 and all(0 <= x < 1 for x in o.betas), "optim.betas",
@@ -458,6 +467,10 @@ def validate(cfg: Config) -> None:
     _require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", f"got {cfg.optim.warmup_steps}, expected >= 0")
     _require(cfg.train.max_failures >= -1, "train.max_failures",
              f"got {cfg.train.max_failures}, expected -1 (no limit) or >= 0")
+    _require(cfg.reward.num_actors >= 1, "reward.num_actors", f"got {cfg.reward.num_actors}, expected >= 1")
+
+
+def _validate_eval(cfg: Config) -> None:
     e = cfg.eval
     _require(e.steps >= 1, "eval.steps", f"got {e.steps}, expected >= 1")
     _require(e.resolution == 0 or (e.resolution > 0 and e.resolution % 16 == 0), "eval.resolution",
@@ -476,7 +489,6 @@ def validate(cfg: Config) -> None:
         _require(bool(cfg.data.images), "data.images",
                  "rollout.mode=offline needs data.images: an image folder with same-named .txt captions, "
                  "or a .parquet / .jsonl manifest with path and caption")
-    _require(cfg.reward.num_actors >= 1, "reward.num_actors", f"got {cfg.reward.num_actors}, expected >= 1")
 
 
 def check_paths(cfg: Config, scorers: bool = False) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,7 +34,7 @@ from pipeline.device import resolve_device
 from pipeline.export import WeightsSource, find_run_dir, read_weights, resolve_weights, source_step
 from pipeline.models import load_adapter
 from pipeline.sampling import generate, load_scheduler_config, to_uint8
-from pipeline.tracking import default_tracking_uri
+from pipeline.tracking import ClientRun, default_tracking_uri
 from rewards.scorers import Scorer, load_scorers
 
 GRID_GAP = 4  # white pixels between the base and the trained image of a prompt
@@ -231,21 +230,6 @@ def side_by_side(base: Tensor | None, trained: Tensor) -> np.ndarray:
     return np.concatenate([to_uint8(base[None])[0], gap, right], axis=1)
 
 
-def _experiment_id(client: Any, name: str, tracking_uri: str) -> str:
-    """The experiment's id, creating it with its artifacts next to a sqlite database.
-
-    MLflow's default artifact root is ``./mlruns`` of whatever directory the process runs in; next to
-    the database the run's images stay with its metrics.
-    """
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):
-        location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
-
-
 def _params(cfg: Config, report: EvalReport, scorers: list[ScorerConfig]) -> dict[str, str]:
     return {
         "steps": str(cfg.eval.steps), "guidance": str(cfg.eval.guidance), "resolution": str(eval_resolution(cfg)),
@@ -261,31 +245,23 @@ def _params(cfg: Config, report: EvalReport, scorers: list[ScorerConfig]) -> dic
 def log_evaluation(report: EvalReport, cfg: Config, scorers: list[ScorerConfig], base_images: Tensor | None,
                    images: Tensor, run_name: str | None) -> str:
     """Create and fill the MLflow evaluation run; returns its id."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
-
-    client = MlflowClient(tracking_uri=report.tracking_uri)
-    exp_id = _experiment_id(client, report.experiment, report.tracking_uri)
     tags = {"srpo.kind": "evaluation", "srpo.weights": report.weights or "base", "srpo.model_path": cfg.model.path}
     if report.train_run_id:
         tags["srpo.train_run_id"] = report.train_run_id
     default_name = f"eval-{cfg.log.run_name}" if cfg.log.run_name else None  # never the training run's name
-    run = client.create_run(exp_id, tags=tags, run_name=run_name or default_name)
-    run_id = run.info.run_id
+    run = ClientRun.create(report.tracking_uri, report.experiment, tags, run_name or default_name)
     status = "FAILED"
     try:
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in report.metrics().items()],
-                         params=[Param(k, v) for k, v in _params(cfg, report, scorers).items()])
-        client.log_table(run_id, data=report.table(), artifact_file="eval/per_prompt.json")
+        run.log_batch(report.metrics(), _params(cfg, report, scorers))
+        run.log_table(report.table(), "eval/per_prompt.json")
         for i in range(images.shape[0]):
-            client.log_image(run_id, side_by_side(None if base_images is None else base_images[i], images[i]),
-                             artifact_file=f"eval/images/{i:04d}.png")
-        client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+            run.log_image(side_by_side(None if base_images is None else base_images[i], images[i]),
+                          f"eval/images/{i:04d}.png")
+        run.log_text(cfg.to_yaml(), "config.yaml")
         status = "FINISHED"
     finally:
-        client.set_terminated(run_id, status)
-    return run_id
+        run.end(status)
+    return run.run_id
 
 
 def _write_local(report: EvalReport, base_images: Tensor | None, images: Tensor, out_dir: Path) -> None:

@@ -84,6 +84,7 @@ class Learner:
         self.srpo = SRPOStep.from_config(cfg, adapter, engine, objective)
         self.gold: GoldReward | None = None
         self.skipped_rows = 0
+        self.provenance: dict[int, set[int]] = {}  # step -> pids of the rollout actors that made its samples
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainingState:
@@ -155,6 +156,8 @@ class Learner:
             # Copies, not views: aligned like every tensor the learner makes (see conditioning_from_arrays).
             x0 = torch.tensor(np.asarray(batch["x0"]), dtype=torch.float32, device=device)
             eps = torch.tensor(np.asarray(batch["eps"]), dtype=torch.float32, device=device)
+            if "rollout_pid" in batch:
+                self.provenance.setdefault(step, set()).update(int(p) for p in batch["rollout_pid"])
             versions = batch.get("policy_version")
             lag = [step - int(v) for v in versions] if versions is not None else [0] * len(captions)
             timings = {"time/rollout_s": float(np.mean(batch["rollout_s"]))}
@@ -271,9 +274,25 @@ class Learner:
         if state.step < cfg.train.max_steps and not stopped:
             raise RuntimeError(f"the data stream ended at step {state.step} of {cfg.train.max_steps}")
         weights = self.engine.full_state_dict()  # collective
+        provenance = self._gathered_provenance()  # collective
         if self.rank == 0:
             save_state_dict(weights, Path(cfg.output.dir) / EXPORT_NAME, step=state.step)
+            if provenance:
+                self.tracker.log_dict(provenance, "rollouts/provenance.json")
         return state
+
+    def _gathered_provenance(self) -> dict[str, list[int]]:
+        """Which rollout-actor processes made each step's samples, over every rank (since this
+        learner process started): for following a restarted actor's work."""
+        parts = [self.provenance]
+        if _distributed():
+            parts = [None] * self.world
+            dist.all_gather_object(parts, self.provenance)
+        merged: dict[int, set[int]] = {}
+        for part in parts:
+            for step, pids in part.items():
+                merged.setdefault(step, set()).update(pids)
+        return {str(step): sorted(pids) for step, pids in sorted(merged.items())}
 
     # ------------------------------------------------------------------ helpers
     def _is_current(self, batch: Batch, step: int) -> bool:

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import torch
 
 
-def time_shift(t: torch.Tensor | float, shift: float = 3.0) -> torch.Tensor:
+def time_shift(t: torch.Tensor | float, shift: float) -> torch.Tensor:
     """``shift(t) = s t / (1 + (s - 1) t)`` (SD3 / FLUX resolution shift with a fixed s)."""
     t = torch.as_tensor(t, dtype=torch.float64)
     return shift * t / (1 + (shift - 1) * t)
 
 
-def rollout_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
+def rollout_sigmas(steps: int, shift: float) -> torch.Tensor:
     """``sigma_i = shift(1 - i / S)`` for i = 0..S: S + 1 values from 1 down to 0."""
     i = torch.arange(steps + 1, dtype=torch.float64)
     return time_shift(1 - i / steps, shift)
@@ -59,15 +59,17 @@ class TrainingGrid:
     @classmethod
     def build(
         cls,
-        train_timestep: tuple[int, int] | list[int] = (5, 25),
-        timestep_length: int = 1000,
-        groundtruth_ratio: float = 0.9,
-        shift: float = 3.0,
-        base_steps: int = 50,
-        d_pos: tuple[float, float] | list[float] = (0.1, 0.25),
-        d_inv: tuple[float, float] | list[float] = (0.3, 0.01),
-        margin: int = 5,
+        *,
+        train_timestep: tuple[int, int] | list[int],
+        timestep_length: int,
+        groundtruth_ratio: float,
+        shift: float,
+        base_steps: int,
+        d_pos: tuple[float, float] | list[float],
+        d_inv: tuple[float, float] | list[float],
+        margin: int,
     ) -> "TrainingGrid":
+        """The recipe's numbers come from the config (``grid_from_config``); none are defaulted here."""
         n = timestep_length
         b = rollout_sigmas(base_steps, shift)
         a_idx, b_idx = train_timestep
@@ -107,7 +109,7 @@ class TrainingGrid:
         return s_lo, s_hi, float(self.d_inv[m_inv]), m_inv
 
 
-def relative_discount(m: int, n: int, shift: float = 3.0) -> float:
+def relative_discount(m: int, n: int, shift: float) -> float:
     """The authors' later denoise-only recipe weights (r_pos - r_neg) by shift(linspace(0,1,N+1))[m]."""
     table = time_shift(torch.linspace(0, 1, n + 1, dtype=torch.float64), shift)
     return float(table[m])

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric, Param
 
 from pipeline.config import Config
 
@@ -101,3 +103,57 @@ class NullTracker:
     def set_tag(self, key: str, value: str) -> None: ...
 
     def end(self, status: str = "FINISHED") -> None: ...
+
+
+class ClientRun:
+    """A run logged through ``MlflowClient``, without making it the process's active run: a finished
+    training run gets artifacts without being reopened (``start_run(run_id=...)`` would mark it
+    RUNNING and rewrite its end time), and an evaluation run is created and closed in one go."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+
+    @classmethod
+    def create(cls, tracking_uri: str, experiment: str, tags: dict[str, str], run_name: str | None) -> "ClientRun":
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        run = client.create_run(_experiment_id(client, experiment, tracking_uri), tags=tags, run_name=run_name)
+        return cls(tracking_uri, run.info.run_id)
+
+    def log_batch(self, metrics: dict[str, float], params: dict[str, str], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
+                              params=[Param(k, v) for k, v in params.items()])
+
+    def log_table(self, data: dict, name: str) -> None:
+        self.client.log_table(self.run_id, data=data, artifact_file=name)
+
+    def log_image(self, image: Any, name: str) -> None:
+        self.client.log_image(self.run_id, image, artifact_file=name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def _experiment_id(client: Any, name: str, tracking_uri: str) -> str:
+    """The experiment's id, creating it with its artifacts next to a sqlite database.
+
+    MLflow's default artifact root is ``./mlruns`` of whatever directory the process runs in; next to
+    the database the run's images stay with its metrics.
+    """
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)

@@ -70,3 +70,18 @@ class StepHarness:
     def fit(self, steps: int) -> None:
         for _ in range(steps):
             self.train_step()
+
+
+def recipe_grid(**overrides):
+    """The training grid of the reference recipe (the config's SRPO defaults, rollout shift 3), with
+    ``TrainingGrid.build`` keyword overrides."""
+    from dataclasses import asdict
+
+    from pipeline.config import SRPOConfig
+    from pipeline.schedules import TrainingGrid
+
+    s = asdict(SRPOConfig())
+    args = {"train_timestep": s["train_timestep"], "timestep_length": s["timestep_length"],
+            "groundtruth_ratio": s["groundtruth_ratio"], "shift": 3.0, "base_steps": s["base_steps"],
+            "d_pos": s["d_pos"], "d_inv": s["d_inv"], "margin": s["m_margin"]}
+    return TrainingGrid.build(**{**args, **overrides})

@@ -4,9 +4,9 @@ import torch
 
 from pipeline.direct_align import (DENOISE, INVERSION, add_noise, direct_align, draw_levels, plan_branches,
                                    plan_step, recover_x0)
-from pipeline.schedules import TrainingGrid
+from helpers import recipe_grid
 
-GRID = TrainingGrid.build()
+GRID = recipe_grid()
 
 
 def _data(b=4, seed=0):

@@ -12,6 +12,8 @@ The rules (all in RULES below, each with the reason it exists):
 - flux-names-in-adapter: outside ``pipeline/models/`` (and the tiny-world builders, which write real FLUX
   folders) no module names a FLUX class or a FLUX-specific key, nor imports ``pipeline.models.flux``:
   a second family plugs in through the adapter protocol alone.
+- one-tracking-facade: only ``pipeline/tracking.py`` imports ``mlflow``: one place holds the MLflow
+  conventions (tracking URI, run attachment, client-side logging).
 - project-imports-at-top: project modules (``pipeline``, ``rewards``, ``actors``, ``jobs``) are imported at
   module top, where a reader sees every dependency; the few exceptions are listed with their reason.
 
@@ -45,6 +47,7 @@ FLUX_IN_STRING = re.compile(r"\b(" + "|".join(sorted(FLUX_NAMES)) + r"|Flux[A-Z]
 FLUX_MODULE = "pipeline.models.flux"
 # Modules allowed to name FLUX: the family folder, and the tiny-world builder (it writes a FLUX folder).
 FLUX_HOMES = ("pipeline.models", "pipeline.tiny")
+TRACKING_FACADE = "pipeline.tracking"
 
 # (importer, imported module) -> why the import has to stay inside a function (an optional part, or
 # one that must not load in some process). Keep it short; an entry that is no longer needed fails
@@ -301,6 +304,10 @@ def rule_flux_names_in_adapter(mods: dict[str, Module]) -> list[str]:
     return sorted(out)
 
 
+def rule_one_tracking_facade(mods: dict[str, Module]) -> list[str]:
+    return _forbidden_imports(mods, lambda m: m != TRACKING_FACADE, ("mlflow",))
+
+
 def rule_project_imports_at_top(mods: dict[str, Module]) -> list[str]:
     return [_where(mods, imp) for name in mods for imp in imports_of(mods[name], mods)
             if imp.scope == "function" and any(_under(imp.target, p) for p in PACKAGES)
@@ -314,6 +321,8 @@ RULES: dict[str, tuple[str, Callable[[dict[str, Module]], list[str]]]] = {
     "no-cycles": ("no import cycle among project modules (module-top imports)", rule_no_cycles),
     "flux-names-in-adapter": ("FLUX classes and keys are named only in pipeline/models/ (and the tiny-world "
                               "builders)", rule_flux_names_in_adapter),
+    "one-tracking-facade": ("only pipeline/tracking.py imports mlflow: every MLflow call goes through one facade",
+                            rule_one_tracking_facade),
     "project-imports-at-top": ("project modules are imported at module top, not inside functions (allowed: "
                                "FUNCTION_IMPORTS_ALLOWED)", rule_project_imports_at_top),
 }
@@ -363,7 +372,7 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
         "pipeline/models/__init__.py": "from pipeline.models import flux\n",
         "pipeline/models/flux.py": "from pipeline.models.base import X\nclass FluxAdapter: text_ids = 1\n",
         "pipeline/models/base.py": "X = 1\n",
-        "actors/__init__.py": "", "actors/a.py": "import pipeline.core\n",
+        "actors/__init__.py": "", "actors/a.py": "import pipeline.core\n", "actors/m.py": "import mlflow.entities\n",
         "actors/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import jobs.j\n",
         "rewards/__init__.py": "", "rewards/r.py": "from pipeline.models.flux import FluxAdapter\n",
         "jobs/__init__.py": "", "jobs/j.py": "import pipeline.ray\n",
@@ -380,3 +389,4 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
     assert not any("docstring" in v or "models/" in v or "pipeline/core.py:7" in v for v in flux)
     assert rule_project_imports_at_top(mods) == ["pipeline/core.py:8  imports actors.a (inside a function)"]
     assert rule_jobs_are_entry_points(mods) == ["actors/b.py:3  imports jobs.j (under TYPE_CHECKING)"]
+    assert rule_one_tracking_facade(mods) == ["actors/m.py:1  imports mlflow.entities"]

@@ -27,6 +27,8 @@ from rewards.srp import semantic_relative_preference  # noqa: E402
 
 REMOTE = ("reward.placement=remote", "reward.num_actors=2", "reward.num_cpus=1", "train.batch_size=2")
 LEVELS = [[300, 700]]  # m per sample (one injection), explicit so both runs see the same branches
+# Ray's ActorDiedError message (ray.exceptions.ActorDiedError.BASE_ERROR_MSG), with the actor's class.
+DIED = r"(?s)The actor died unexpectedly before finishing this task\..*class_name: RewardWorker"
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +203,7 @@ def test_dead_actor_request_is_resubmitted_to_the_next_actor(ray_cluster, cfg, t
     """When Ray gives up (no restarts left: ActorDiedError), collect resubmits to the next actor."""
     mortal = ray.remote(RewardWorker).options(num_cpus=1, max_restarts=0).remote(**worker_kwargs(cfg))
     _kill(ray.get(mortal.ping.remote()))
-    with pytest.raises(ray.exceptions.RayActorError):
+    with pytest.raises(ray.exceptions.RayActorError, match=DIED):
         ray.get(mortal.ping.remote())
     tr = trainer
     batch = _batch(tr)
@@ -211,7 +213,7 @@ def test_dead_actor_request_is_resubmitted_to_the_next_actor(ray_cluster, cfg, t
     _assert_grads_close(relayed, colocated)
     _assert_branches_close(m_rem, m_col)
     assert remote.resubmits == 1
-    with pytest.raises(ray.exceptions.RayActorError):  # bounded: a pool of only dead actors fails
+    with pytest.raises(ray.exceptions.RayActorError, match=DIED):  # bounded: a pool of only dead actors fails
         RemoteReward([mortal], max_resubmits=1).surrogate(batch.x0, request_for(
             plan_branches(tr.grid, LEVELS[0], "Detail", "Anime")[0], batch.captions, tr.cfg.srpo))
 

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from pipeline.schedules import (TrainingGrid, injection_weights, model_timestep, relative_discount,
+from helpers import recipe_grid
+from pipeline.schedules import (injection_weights, model_timestep, relative_discount,
                                 rollout_sigmas, time_shift)
 
 
@@ -13,10 +14,10 @@ def shift3(t: float) -> float:  # s t / (1 + (s - 1) t) with s = 3, written out
 
 
 def test_time_shift_values():
-    assert time_shift(0.9).item() == pytest.approx(2.7 / 2.8, abs=1e-15)
-    assert time_shift(0.5).item() == pytest.approx(0.75, abs=1e-15)
-    assert time_shift(0.4).item() == pytest.approx(2 / 3, abs=1e-15)
-    assert time_shift(1.0).item() == 1.0 and time_shift(0.0).item() == 0.0
+    assert time_shift(0.9, 3.0).item() == pytest.approx(2.7 / 2.8, abs=1e-15)
+    assert time_shift(0.5, 3.0).item() == pytest.approx(0.75, abs=1e-15)
+    assert time_shift(0.4, 3.0).item() == pytest.approx(2 / 3, abs=1e-15)
+    assert time_shift(1.0, 3.0).item() == 1.0 and time_shift(0.0, 3.0).item() == 0.0
 
 
 def test_rollout_sigmas_25_steps():
@@ -36,7 +37,7 @@ def test_model_timestep_truncates():
 
 @pytest.mark.parametrize("ts,end", [((5, 25), 0.75), ((5, 30), 2 / 3)])
 def test_grid_endpoints(ts, end):
-    grid = TrainingGrid.build(train_timestep=ts)
+    grid = recipe_grid(train_timestep=ts)
     assert grid.N == 1000
     # b_5 = shift(1 - 5/50) = shift(0.9) = 27/28 = 0.9643; b_25 = shift(0.5) = 0.75; b_30 = shift(0.4) = 2/3
     assert grid.g[0].item() == pytest.approx(27 / 28, abs=1e-12)
@@ -49,12 +50,12 @@ def test_grid_endpoints(ts, end):
 def test_span_is_100_in_float64():
     # (1 - 0.9) = 0.09999999999999998 in float64, times 1000 = 99.99999999999997, int -> 99, + 1 -> 100
     assert int((1 - 0.9) * 1000) == 99
-    assert TrainingGrid.build(groundtruth_ratio=0.9).span == 100
-    assert TrainingGrid.build(groundtruth_ratio=0.5).span == 501
+    assert recipe_grid(groundtruth_ratio=0.9).span == 100
+    assert recipe_grid(groundtruth_ratio=0.5).span == 501
 
 
 def test_span_clamping_at_the_edges():
-    grid = TrainingGrid.build()
+    grid = recipe_grid()
     assert grid.clamp_span(5) == 5  # min(995, 100, 5)
     assert grid.clamp_span(995) == 5  # min(5, 100, 995)
     assert grid.clamp_span(500) == 100
@@ -75,7 +76,7 @@ def _g(i, end=0.75):
     (995, 0, 5, 990, 10, 5),
 ])
 def test_branch_sigmas(m, hi_idx, lo_idx, inv_m, inv_lo_idx, inv_hi_idx):
-    grid = TrainingGrid.build()
+    grid = recipe_grid()
     s_hi, s_lo, k = grid.denoise_sigmas(m)
     assert s_hi == pytest.approx(_g(hi_idx), abs=1e-12) and s_lo == pytest.approx(_g(lo_idx), abs=1e-12)
     assert k == pytest.approx(0.1 + m * 0.15 / 999, abs=1e-12)  # d_pos = linspace(0.1, 0.25, 1000)[m]
@@ -87,7 +88,7 @@ def test_branch_sigmas(m, hi_idx, lo_idx, inv_m, inv_lo_idx, inv_hi_idx):
 
 
 def test_both_branches_recover_at_g_n_minus_m_in_the_interior():
-    grid = TrainingGrid.build()
+    grid = recipe_grid()
     for m in range(105, 896, 7):
         _, s_lo, _ = grid.denoise_sigmas(m)
         _, i_hi, _, _ = grid.inversion_sigmas(m)
@@ -95,13 +96,13 @@ def test_both_branches_recover_at_g_n_minus_m_in_the_interior():
 
 
 def test_pickscore_tables():
-    grid = TrainingGrid.build(train_timestep=(5, 30), d_pos=(0.1, 0.5), d_inv=(0.6, 0.01))
+    grid = recipe_grid(train_timestep=(5, 30), d_pos=(0.1, 0.5), d_inv=(0.6, 0.01))
     assert grid.d_pos[0].item() == pytest.approx(0.1) and grid.d_pos[-1].item() == pytest.approx(0.5)
     assert grid.d_inv[0].item() == pytest.approx(0.6) and grid.d_inv[-1].item() == pytest.approx(0.01)
 
 
 def test_sample_m_range_and_determinism():
-    grid = TrainingGrid.build()
+    grid = recipe_grid()
     draws = grid.sample_m(torch.Generator().manual_seed(0), 20000)
     assert min(draws) == 5 and max(draws) == 995  # inclusive on both ends
     assert draws == grid.sample_m(torch.Generator().manual_seed(0), 20000)
@@ -111,7 +112,7 @@ def test_sample_m_range_and_determinism():
 def test_relative_discount_index():
     # shift(linspace(0, 1, N + 1))[m] = shift(m / N)
     for m in (5, 100, 500, 995):
-        assert relative_discount(m, 1000) == pytest.approx(shift3(m / 1000), abs=1e-14)
+        assert relative_discount(m, 1000, 3.0) == pytest.approx(shift3(m / 1000), abs=1e-14)
 
 
 def test_injection_weights():

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from actors.rollout import RolloutStage, conditioning_from_batch, draw_eps
+from actors.rollout import RolloutStage
 from actors.weights import WeightStore, WeightSubscriber, publish_state
 from pipeline.models import load_adapter
 from pipeline.rollout import sample_x0
+from pipeline.sources import draw_eps
 
 
 def _perturbed(state, scale, seed):
@@ -43,7 +44,8 @@ def test_publish_then_every_subscriber_holds_the_learner_weights(tiny_world, sto
 
 
 def test_wait_for_times_out_when_the_learner_is_behind(store, ray_local):
-    with pytest.raises(Exception):
+    # The actor's TimeoutError (asyncio.wait_for) comes back as a RayTaskError that is also a TimeoutError.
+    with pytest.raises(TimeoutError, match=r"ray::WeightStore\.wait_for\(\)"):
         ray_local.get(store.wait_for.remote(5, 0.5))
 
 
@@ -63,7 +65,7 @@ def test_rollout_sample_records_the_version_that_made_it(tiny_cfg, tiny_world, s
     # Recompute with version 1's weights, independently of the stage.
     base.transformer.load_state_dict(v1)
     eps = draw_eps(base, [11, 12], cfg.data.resolution)
-    x0 = sample_x0(base, base.transformer, eps, conditioning_from_batch(batch, torch.device("cpu")),
+    x0 = sample_x0(base, base.transformer, eps, base.conditioning_from_arrays(batch, torch.device("cpu")),
                    cfg.data.resolution, cfg.rollout.steps, cfg.rollout.shift, cfg.rollout.guidance)
     torch.testing.assert_close(torch.as_tensor(out["x0"]), x0, rtol=0, atol=0)
     torch.testing.assert_close(torch.as_tensor(out["eps"]), eps, rtol=0, atol=0)
