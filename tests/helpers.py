@@ -54,12 +54,16 @@ class StepHarness:
         self.transformer.train()
         return Rollout(captions, cond, eps, x0)
 
+    def prompts_for(self, step: int) -> list[str]:
+        """Prompts in file order, wrapping around (epochs)."""
+        b, n = self.cfg.train.batch_size, len(self.prompts)
+        return [self.prompts[(step * b + i) % n] for i in range(b)]
+
     def train_step(self, rollout: Rollout | None = None, levels: list[list[int]] | None = None):
         """The functional SRPO step (plain autograd + AdamW), independent of the engines."""
         cfg = self.cfg
         if rollout is None:
-            b, n = cfg.train.batch_size, len(self.prompts)
-            rollout = self.rollout([self.prompts[(self.step * b + i) % n] for i in range(b)])
+            rollout = self.rollout(self.prompts_for(self.step))
         batch = StepBatch(x0=rollout.x0, eps=rollout.eps, cond=rollout.cond, captions=rollout.captions)
         metrics = srpo_step(self.adapter, self.transformer, self.optimizer, self.objective, self.grid, cfg.srpo,
                             batch, self.step, self.level_generator, cfg.data.resolution, cfg.rollout.shift,

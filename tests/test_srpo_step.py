@@ -1,5 +1,6 @@
 """The SRPO step on the tiny FLUX + tiny HPSv2.1: chain rule, loss definition, replay, variants."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -76,7 +77,8 @@ def test_relay_gradient_equals_colocated_backward(trainer):
 def test_step_metrics_control_words_and_sigmas(trainer):
     tr = trainer
     m = srpo_backward(tr.adapter, tr.transformer, tr.objective, tr.grid, tr.cfg.srpo, _batch(tr), step=7,
-                      generator=torch.Generator().manual_seed(0), resolution=64, shift=3.0, levels=[[500]])
+                      generator=torch.Generator().manual_seed(0), resolution=64, shift=3.0,
+                      mixed_precision=tr.cfg.train.mixed_precision, levels=[[500]])
     assert (m.pos_word, m.neg_word) == ("Real", "Anime")  # 7 % 4 = 3 -> "Real"; 7 % 5 = 2 -> "Anime"
     flat = m.flat()
     assert [b["branch"] for b in m.branches] == ["denoise", "inversion"]
@@ -94,7 +96,7 @@ def _replay(tr, state, opt_state, batch, seed):
     # load_state_dict keeps the given tensors (same device/dtype) and AdamW updates them in place.
     tr.optimizer.load_state_dict(copy.deepcopy(opt_state))
     srpo_step(tr.adapter, tr.transformer, tr.optimizer, tr.objective, tr.grid, tr.cfg.srpo, batch, 3,
-              torch.Generator().manual_seed(seed), 64, 3.0, 0.1)
+              torch.Generator().manual_seed(seed), 64, 3.0, 0.1, tr.cfg.train.mixed_precision)
     return {k: v.clone() for k, v in tr.transformer.state_dict().items()}
 
 
@@ -103,7 +105,7 @@ def test_replaying_a_step_is_bit_identical(trainer):
     batch = _batch(tr)
     # One real step first so AdamW has state to replay from.
     srpo_step(tr.adapter, tr.transformer, tr.optimizer, tr.objective, tr.grid, tr.cfg.srpo, batch, 0,
-              torch.Generator().manual_seed(9), 64, 3.0, 0.1)
+              torch.Generator().manual_seed(9), 64, 3.0, 0.1, tr.cfg.train.mixed_precision)
     state = copy.deepcopy(tr.transformer.state_dict())
     opt_state = copy.deepcopy(tr.optimizer.state_dict())
     a = _replay(tr, state, opt_state, batch, seed=1)
@@ -117,13 +119,13 @@ def test_replaying_a_step_is_bit_identical(trainer):
 def test_denoise_only_and_relative_discount_variants(tiny_cfg):
     tr = SRPOTrainer(tiny_cfg("srpo.variant=denoise_only", "train.batch_size=1"))
     m = srpo_backward(tr.adapter, tr.transformer, tr.objective, tr.grid, tr.cfg.srpo, _batch(tr), 0,
-                      torch.Generator().manual_seed(0), 64, 3.0, levels=[[500]])
+                      torch.Generator().manual_seed(0), 64, 3.0, tr.cfg.train.mixed_precision, levels=[[500]])
     assert [b["branch"] for b in m.branches] == ["denoise"]
     assert m.branches[0]["loss"] == pytest.approx(max(0, 0.7 - m.branches[0]["reward"]), rel=1e-5)
 
     tr = SRPOTrainer(tiny_cfg("srpo.variant=relative_discount", "train.batch_size=1"))
     m = srpo_backward(tr.adapter, tr.transformer, tr.objective, tr.grid, tr.cfg.srpo, _batch(tr), 0,
-                      torch.Generator().manual_seed(0), 64, 3.0, levels=[[500]])
+                      torch.Generator().manual_seed(0), 64, 3.0, tr.cfg.train.mixed_precision, levels=[[500]])
     (b,) = m.branches
     discount = 3 * 0.5 / (1 + 2 * 0.5)  # shift(linspace(0, 1, 1001))[500] = shift(0.5)
     assert b["reward"] == pytest.approx((b["pos_score"] - b["neg_score"]) * discount, rel=1e-5)
@@ -133,7 +135,7 @@ def test_denoise_only_and_relative_discount_variants(tiny_cfg):
 def test_reward_aggregation_runs_every_injection(tiny_cfg):
     tr = SRPOTrainer(tiny_cfg("srpo.num_injections=3", "srpo.injection_discount=0.5", "train.batch_size=1"))
     m = srpo_backward(tr.adapter, tr.transformer, tr.objective, tr.grid, tr.cfg.srpo, _batch(tr), 0,
-                      torch.Generator().manual_seed(0), 64, 3.0)
+                      torch.Generator().manual_seed(0), 64, 3.0, tr.cfg.train.mixed_precision)
     assert len(m.branches) == 6 and len(m.levels) == 3
     # weights 1, .5, .25 over 1.75, halved per branch: the first denoise loss is relu(0.7-R) * (1/1.75) / 2
     first = m.branches[0]
@@ -144,3 +146,59 @@ def test_bad_loss_kind_is_rejected(trainer):
     req = RewardRequest(captions=["x"], pos_word="P", neg_word="N", k=torch.tensor([0.1]), weight=1.0, loss_kind="l2")
     with pytest.raises(ValueError, match="loss_kind"):
         trainer.objective.loss(torch.zeros(1, 16, 64), req)
+
+
+def _per_branch_grads(tr, cfg, batch, levels):
+    """Both branches of one step with the SRPO config ``cfg``: metrics and each branch's own
+    transformer gradients (the backward hook snapshots and clears them after every branch)."""
+    params = dict(tr.transformer.named_parameters())
+    per_branch = []
+
+    def backward(surrogate):
+        surrogate.backward()
+        per_branch.append({n: None if p.grad is None else p.grad.clone() for n, p in params.items()})
+        tr.optimizer.zero_grad(set_to_none=True)
+
+    tr.optimizer.zero_grad(set_to_none=True)
+    m = srpo_backward(tr.adapter, tr.transformer, tr.objective, tr.grid, cfg, batch, 0,
+                      torch.Generator().manual_seed(0), 64, 3.0, tr.cfg.train.mixed_precision, levels=levels,
+                      backward=backward)
+    return m, per_branch
+
+
+def test_reward_above_the_hinge_margin_gives_zero_loss_and_zero_gradient(tiny_cfg):
+    """loss = relu(margin - R) / 2 per branch: with R > margin (margin -1 here) the loss is 0 and
+    d relu / d input = 0, so nothing reaches the transformer: every parameter's gradient is exactly
+    0 in both branches, and the step's clipped global norm is 0. The same batch with the recipe's
+    margin (0.7) is the control: there the hinge is active and the gradients are not 0."""
+    torch.manual_seed(0)
+    tr = SRPOTrainer(tiny_cfg("train.batch_size=1", "srpo.hinge_margin=-1"))
+    margin = tr.cfg.srpo.hinge_margin
+    assert margin == -1.0
+    batch, levels = _batch(tr), [[500]]
+    m, grads = _per_branch_grads(tr, tr.cfg.srpo, batch, levels)
+    assert [b["branch"] for b in m.branches] == ["denoise", "inversion"] and len(grads) == 2
+    trainable = [n for n, p in tr.transformer.named_parameters() if p.requires_grad]
+    assert len(trainable) > 10
+    for branch, g in zip(m.branches, grads):
+        # Precondition, from the logged reward of the single sample: R > margin. (The SRP of unit
+        # features is bounded by (1 + k) + 1 <= 2.3 in magnitude, so a margin of -3 could never bind;
+        # -1 is checked rather than assumed.)
+        assert branch["reward"] > margin, branch
+        assert branch["loss"] == 0.0, branch  # relu(margin - R) = 0 exactly, not a small number
+        for n in trainable:
+            # None (no gradient reached the parameter) or a tensor of exact zeros: both are a zero gradient.
+            assert g[n] is None or torch.count_nonzero(g[n]) == 0, (branch["branch"], n)
+    assert m.flat()["loss"] == 0.0
+
+    # The control: the recipe's margin on the same batch and levels is active and moves every branch.
+    m_on, grads_on = _per_branch_grads(tr, dataclasses.replace(tr.cfg.srpo, hinge_margin=0.7), batch, levels)
+    for branch, off, g in zip(m_on.branches, m.branches, grads_on):
+        assert branch["reward"] == pytest.approx(off["reward"], rel=1e-6)  # the margin does not change R
+        assert branch["loss"] == pytest.approx(max(0.0, 0.7 - branch["reward"]) / 2, rel=1e-5) and branch["loss"] > 0
+        assert any(g[n] is not None and torch.count_nonzero(g[n]) > 0 for n in trainable), branch["branch"]
+
+    # The whole step (clip + AdamW) sees a global gradient norm of exactly 0.
+    step = srpo_step(tr.adapter, tr.transformer, tr.optimizer, tr.objective, tr.grid, tr.cfg.srpo, batch, 0,
+                     torch.Generator().manual_seed(0), 64, 3.0, 0.1, tr.cfg.train.mixed_precision, levels=levels)
+    assert step.grad_norm == 0.0 and step.flat()["loss"] == 0.0
