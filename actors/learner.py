@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import tempfile
@@ -57,7 +58,9 @@ class RayTrainCheckpoints:
     def save(self, step: int, write: Callable[[Path], None], metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory(prefix="srpo-ckpt-") as tmp:
             write(Path(tmp))
-            ray.train.report(_floats(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            # Ray Train logs every report's metrics; MLflow holds them all, the report needs only the step.
+            ray.train.report({"step": float(step), "loss": float(metrics.get("loss", float("nan")))},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
         # Wait until Ray Train has committed it (every rank's part uploaded and registered): a group that
         # crashes right after reporting would otherwise restart from the checkpoint before, or from scratch.
         ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
@@ -65,10 +68,6 @@ class RayTrainCheckpoints:
     def report(self, metrics: dict[str, float]) -> None:
         # Metrics live in MLflow; a report without a checkpoint only costs a round trip to the controller.
         pass
-
-
-def _floats(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()}
 
 
 def fault_hook(fault: dict[str, str], rank: int) -> Callable[[int], None] | None:
@@ -93,6 +92,8 @@ def fault_hook(fault: dict[str, str], rank: int) -> Callable[[int], None] | None
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = config_from_dict(config["cfg"])
+    # Ray Train logs two INFO lines per checkpoint and rank; the step lines already say what happened.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.learner.use_gpu else resolve_device("cpu")

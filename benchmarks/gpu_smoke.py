@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
             t1 = time.perf_counter()
             metrics = srpo_backward(adapter, engine.transformer, objective, grid, cfg.srpo,
                                     StepBatch(x0=x0, eps=eps, cond=cond, captions=captions), step, levels,
-                                    cfg.data.resolution, cfg.rollout.shift, cfg.train.mixed_precision,
-                                    backward=engine.backward)
+                                    cfg.data.resolution, cfg.rollout.shift,
+                                    mixed_precision=cfg.train.mixed_precision, backward=engine.backward)
             metrics.grad_norm = engine.step(cfg.optim.max_grad_norm)
             synchronize(device)
             t2 = time.perf_counter()

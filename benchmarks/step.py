@@ -26,7 +26,9 @@ import torch  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.device import peak_memory_bytes, reset_peak_memory, synchronize  # noqa: E402
 from pipeline.tiny import make_tiny_world  # noqa: E402
-from pipeline.trainer import SRPOTrainer  # noqa: E402
+from pipeline.checkpoint import LocalCheckpoints  # noqa: E402
+from pipeline.learner import build_learner  # noqa: E402
+from pipeline.sources import InProcessSource  # noqa: E402
 
 PRESETS = {
     "tiny": dict(size="tiny", overrides=[]),
@@ -40,30 +42,33 @@ def bench(preset: str, repeats: int, cache: Path) -> dict:
     world = make_tiny_world(cache / f"world-{spec['size']}", seed=0, size=spec["size"])
     cfg = load_config(REPO / "configs/tiny.yaml", [
         f"model.path={world['flux']}", f"reward.path={world['hps_checkpoint']}", f"reward.arch={world['hps_arch']}",
-        f"data.prompts={REPO / 'configs/prompts/tiny_train.txt'}", "tiny.enabled=false", *spec["overrides"]])
-    torch.manual_seed(0)
-    tr = SRPOTrainer(cfg)
-    n_params = sum(p.numel() for p in tr.transformer.parameters())
+        f"data.prompts={REPO / 'configs/prompts/tiny_train.txt'}", "tiny.enabled=false", f"train.max_steps={repeats + 1}", *spec["overrides"]])
+    device = torch.device("cpu")
+    # The Learner's own stages: inputs (text conditioning + the colocated rollout) and train_step.
+    learner = build_learner(cfg, InProcessSource(cfg), LocalCheckpoints(cache / "unused", 1), device=device)
+    n_params = sum(p.numel() for p in learner.engine.transformer.parameters())
+    batches = learner.source.batches(0)
+    learner.train_step(learner.inputs(next(batches), 0), 0)  # warm-up (allocator, lazy inits)
+    reset_peak_memory(device)
     rollout_s, step_s = [], []
-    tr.train_step()  # warm-up (allocator, lazy inits)
-    reset_peak_memory(tr.device)
-    for i in range(repeats):
-        synchronize(tr.device)
+    for i in range(1, repeats + 1):
+        batch = next(batches)
+        synchronize(device)
         t0 = time.perf_counter()
-        r = tr.rollout(tr.prompts_for(i))
-        synchronize(tr.device)
+        inputs = learner.inputs(batch, i)
+        synchronize(device)
         t1 = time.perf_counter()
-        tr.train_step(rollout=r)
-        synchronize(tr.device)
+        learner.srpo.run(inputs.batch, i, inputs.levels)  # both branches, backward, clip, AdamW
+        synchronize(device)
         t2 = time.perf_counter()
         rollout_s.append(t1 - t0)
         step_s.append(t2 - t1)
     return {
         "preset": preset, "transformer_params": n_params, "resolution": cfg.data.resolution,
         "batch_size": cfg.train.batch_size, "rollout_steps": cfg.rollout.steps, "repeats": repeats,
-        "device": str(tr.device), "median_rollout_s": statistics.median(rollout_s),
+        "device": str(device), "median_rollout_s": statistics.median(rollout_s),
         "median_srpo_step_s": statistics.median(step_s), "rollout_s": rollout_s, "srpo_step_s": step_s,
-        "peak_memory_bytes": peak_memory_bytes(tr.device),
+        "peak_memory_bytes": peak_memory_bytes(device),
     }
 
 

@@ -17,6 +17,7 @@ worker (actors/learner.py) builds the same class with a Ray Data source. No Ray 
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,10 @@ from pipeline.srpo_step import SRPOStep, StepBatch
 from pipeline.tracking import NullTracker
 
 EXPORT_NAME = "transformer/diffusion_pytorch_model.safetensors"
+# One line per step. Inside a Ray Train worker it goes through Train's own console handler (Train
+# redirects print() to its logger as well, and prints twice when another library wraps stdout);
+# the entry points give it a console handler in the driver process (pipeline.runs.console_logging).
+log = logging.getLogger("srpo")
 
 
 class CheckpointSink(Protocol):
@@ -143,7 +148,7 @@ class Learner:
         state = TrainingState.from_json(data)
         state.check_phase(self.cfg)
         if self.rank == 0:
-            print(f"[srpo] resumed from {folder} at step {state.step}", flush=True)
+            log.info(f"[srpo] resumed from {folder} at step {state.step}")
         return state
 
     def inputs(self, batch: Batch, step: int) -> StepInputs:
@@ -246,9 +251,9 @@ class Learner:
                 self.log_image_grid(self._last_inputs.batch, step)
         done = step + 1 - first
         eta = (time.perf_counter() - start) / done * (cfg.train.max_steps - step - 1)
-        print(f"[srpo] step {step + 1}/{cfg.train.max_steps} loss {flat['loss']:.4f} "
-              f"reward(denoise) {flat.get('denoise/reward', float('nan')):.4f} "
-              f"lag {flat['policy_lag/max']:.0f} {flat['time/step_wall_s']:.1f}s/step eta {eta:.0f}s", flush=True)
+        log.info(f"[srpo] step {step + 1}/{cfg.train.max_steps} loss {flat['loss']:.4f} "
+                 f"reward(denoise) {flat.get('denoise/reward', float('nan')):.4f} "
+                 f"lag {flat['policy_lag/max']:.0f} {flat['time/step_wall_s']:.1f}s/step eta {eta:.0f}s")
 
     def checkpoint(self, state: TrainingState, flat: dict[str, float], last: bool) -> None:
         every = self.cfg.train.checkpoint_every
@@ -267,9 +272,8 @@ class Learner:
         if self.weight_sync is not None:
             self.weight_sync.close()
         if stopped and self.rank == 0:
-            print(f"[srpo] early stop after step {state.step}: gold reward did not improve for "
-                  f"{cfg.eval.patience} evaluations (best {self.gold.best:.4f} at step {self.gold.best_step})",
-                  flush=True)
+            log.info(f"[srpo] early stop after step {state.step}: gold reward did not improve for "
+                     f"{cfg.eval.patience} evaluations (best {self.gold.best:.4f} at step {self.gold.best_step})")
             self.tracker.set_tag("srpo.early_stopped_at_step", str(state.step))
         if state.step < cfg.train.max_steps and not stopped:
             raise RuntimeError(f"the data stream ended at step {state.step} of {cfg.train.max_steps}")

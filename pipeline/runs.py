@@ -9,6 +9,8 @@ files; ``close_run`` logs the exports as artifacts and ends the MLflow run.
 """
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,18 @@ def close_run(run: OpenRun, status: str) -> None:
         run.tracker.end(status)
 
 
+def console_logging() -> None:
+    """The Learner's step lines on this process's stdout (Ray Train workers have their own handler)."""
+    logger = logging.getLogger("srpo")
+    if not any(getattr(h, "_srpo_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._srpo_console = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def log_image_scan(scan, tracker) -> list:
     """Offline data: log what the pre-flight scan skipped and why; returns the usable images."""
     tracker.log_metrics(scan.metrics(), step=0)
@@ -95,6 +109,7 @@ def run_local(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     source (the same rows, seeds and stages as the Ray stream) and checkpoints in
     ``<output.dir>/checkpoints``; the same run folder and MLflow run as a Ray run."""
     cfg = absolute_paths(cfg)
+    console_logging()
     previous = check_resumable(cfg, resume, ray_run=False)
     run = open_run(cfg, previous, ray_run=False)
     status = "FAILED"

@@ -172,7 +172,7 @@ class _ModuleEngine:
 
 def srpo_backward(adapter, transformer: torch.nn.Module, objective: RewardObjective, grid: TrainingGrid,
                   cfg: SRPOConfig, batch: StepBatch, step: int, generator: torch.Generator,
-                  resolution: int, shift: float, mixed_precision: str,
+                  resolution: int, shift: float, *, mixed_precision: str,
                   levels: list[list[int]] | None = None,
                   backward: Callable[[Tensor], None] = torch.Tensor.backward) -> StepMetrics:
     """:meth:`SRPOStep.backward` on a bare module (tests and benchmarks that build no engine).
@@ -203,10 +203,10 @@ def optimizer_step(transformer: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def srpo_step(adapter, transformer: torch.nn.Module, optimizer: torch.optim.Optimizer,
               objective: RewardObjective, grid: TrainingGrid, cfg: SRPOConfig, batch: StepBatch, step: int,
-              generator: torch.Generator, resolution: int, shift: float, max_grad_norm: float,
+              generator: torch.Generator, resolution: int, shift: float, *, max_grad_norm: float,
               mixed_precision: str, levels: list[list[int]] | None = None) -> StepMetrics:
     """A whole SRPO step: both branches, clipping, AdamW."""
     metrics = srpo_backward(adapter, transformer, objective, grid, cfg, batch, step, generator,
-                            resolution, shift, mixed_precision, levels)
+                            resolution, shift, mixed_precision=mixed_precision, levels=levels)
     metrics.grad_norm = optimizer_step(transformer, optimizer, max_grad_norm)
     return metrics

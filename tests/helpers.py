@@ -67,7 +67,8 @@ class StepHarness:
         batch = StepBatch(x0=rollout.x0, eps=rollout.eps, cond=rollout.cond, captions=rollout.captions)
         metrics = srpo_step(self.adapter, self.transformer, self.optimizer, self.objective, self.grid, cfg.srpo,
                             batch, self.step, self.level_generator, cfg.data.resolution, cfg.rollout.shift,
-                            cfg.optim.max_grad_norm, cfg.train.mixed_precision, levels)
+                            max_grad_norm=cfg.optim.max_grad_norm,
+                            mixed_precision=cfg.train.mixed_precision, levels=levels)
         self.step += 1
         return metrics
 

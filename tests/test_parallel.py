@@ -78,8 +78,8 @@ def _reference_step(tr, batch, initial: dict, case: str) -> tuple[dict, float]:
     tr.transformer.load_state_dict(initial)
     opt = build_optimizer(tr.transformer.parameters(), o.lr, o.betas, o.eps, o.weight_decay)
     m = srpo_step(tr.adapter, tr.transformer, opt, tr.objective, tr.grid, tr.cfg.srpo, batch, STEP,
-                  torch.Generator(), tr.cfg.data.resolution, tr.cfg.rollout.shift, o.max_grad_norm,
-                  tr.cfg.train.mixed_precision, levels=[list(LEVELS)])
+                  torch.Generator(), tr.cfg.data.resolution, tr.cfg.rollout.shift, max_grad_norm=o.max_grad_norm,
+                  mixed_precision=tr.cfg.train.mixed_precision, levels=[list(LEVELS)])
     return {k: v.detach().clone() for k, v in tr.transformer.state_dict().items()}, m.grad_norm
 
 
@@ -149,7 +149,7 @@ def _worker(rank: int, world_size: int, port: int, job_path: str) -> None:
                     result["loaded"] = engine.full_state_dict()
                 reward = _OverlappedRelay(objective) if spec["relay"] else objective
                 srpo_backward(adapter, engine.transformer, reward, grid, cfg.srpo, batch, STEP, torch.Generator(),
-                              cfg.data.resolution, cfg.rollout.shift, cfg.train.mixed_precision,
+                              cfg.data.resolution, cfg.rollout.shift, mixed_precision=cfg.train.mixed_precision,
                               levels=[[LEVELS[rank]]], backward=engine.backward)
                 result["grad_norm"] = engine.step(optim.max_grad_norm)
                 result["state"] = engine.full_state_dict()  # rank 0 only; {} elsewhere
@@ -169,7 +169,7 @@ def _worker(rank: int, world_size: int, port: int, job_path: str) -> None:
                     for e in (engine, twin):
                         srpo_backward(adapter, e.transformer, objective, grid, cfg.srpo, batch, STEP + 1,
                                       torch.Generator(), cfg.data.resolution, cfg.rollout.shift,
-                                      cfg.train.mixed_precision, levels=[[LEVELS[1 - rank]]], backward=e.backward)
+                                      mixed_precision=cfg.train.mixed_precision, levels=[[LEVELS[1 - rank]]], backward=e.backward)
                         e.step(optim.max_grad_norm)
                     result["continued"] = engine.full_state_dict()
                     result["resumed"] = twin.full_state_dict()
@@ -236,8 +236,8 @@ def test_single_engine_is_the_trainer_step_bit_for_bit(tiny_cfg):
         ref = tr.train_step(rollout=r, levels=levels)
         m = srpo_backward(tr.adapter, engine.transformer, tr.objective, tr.grid, cfg.srpo,
                           StepBatch(x0=r.x0, eps=r.eps, cond=r.cond, captions=r.captions), step,
-                          torch.Generator(), cfg.data.resolution, cfg.rollout.shift, cfg.train.mixed_precision,
-                          levels=levels, backward=engine.backward)
+                          torch.Generator(), cfg.data.resolution, cfg.rollout.shift,
+                          mixed_precision=cfg.train.mixed_precision, levels=levels, backward=engine.backward)
         assert engine.step(cfg.optim.max_grad_norm) == ref.grad_norm
         assert [b["loss"] for b in m.branches] == [b["loss"] for b in ref.branches]
     state, want = engine.full_state_dict(), tr.transformer.state_dict()

@@ -183,8 +183,8 @@ def test_training_from_the_parquet_takes_the_same_first_step_as_encoding_on_the_
         objective = ColocatedReward(adapter, reward_model_from_config(cfg, "cpu"), cfg.data.resolution)
         m = srpo_step(adapter, adapter.transformer, opt, objective, grid_from_config(cfg.srpo, cfg.rollout.shift),
                       cfg.srpo, StepBatch(x0, eps, cond, list(batch["caption"])), 0,
-                      torch.Generator().manual_seed(7), cfg.data.resolution, cfg.rollout.shift, o.max_grad_norm,
-                      cfg.train.mixed_precision)
+                      torch.Generator().manual_seed(7), cfg.data.resolution, cfg.rollout.shift, max_grad_norm=o.max_grad_norm,
+                      mixed_precision=cfg.train.mixed_precision)
         return m.flat(), adapter.transformer.state_dict()
 
     (ma, wa), (mb, wb) = first_step(on_the_fly, a), first_step(from_parquet, b)

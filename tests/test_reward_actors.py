@@ -69,7 +69,7 @@ def _step_grads(tr: SRPOTrainer, objective, batch: StepBatch, step: int = 3):
     tr.optimizer.zero_grad(set_to_none=True)
     m = srpo_backward(tr.adapter, tr.transformer, objective, tr.grid, tr.cfg.srpo, batch, step,
                       torch.Generator().manual_seed(0), tr.cfg.data.resolution, tr.cfg.rollout.shift,
-                      tr.cfg.train.mixed_precision, levels=LEVELS)
+                      mixed_precision=tr.cfg.train.mixed_precision, levels=LEVELS)
     grads = {n: p.grad.clone() for n, p in tr.transformer.named_parameters() if p.grad is not None}
     tr.optimizer.zero_grad(set_to_none=True)
     return grads, m

@@ -96,7 +96,7 @@ def _replay(tr, state, opt_state, batch, seed):
     # load_state_dict keeps the given tensors (same device/dtype) and AdamW updates them in place.
     tr.optimizer.load_state_dict(copy.deepcopy(opt_state))
     srpo_step(tr.adapter, tr.transformer, tr.optimizer, tr.objective, tr.grid, tr.cfg.srpo, batch, 3,
-              torch.Generator().manual_seed(seed), 64, 3.0, 0.1, tr.cfg.train.mixed_precision)
+              torch.Generator().manual_seed(seed), 64, 3.0, max_grad_norm=0.1, mixed_precision=tr.cfg.train.mixed_precision)
     return {k: v.clone() for k, v in tr.transformer.state_dict().items()}
 
 
@@ -105,7 +105,7 @@ def test_replaying_a_step_is_bit_identical(trainer):
     batch = _batch(tr)
     # One real step first so AdamW has state to replay from.
     srpo_step(tr.adapter, tr.transformer, tr.optimizer, tr.objective, tr.grid, tr.cfg.srpo, batch, 0,
-              torch.Generator().manual_seed(9), 64, 3.0, 0.1, tr.cfg.train.mixed_precision)
+              torch.Generator().manual_seed(9), 64, 3.0, max_grad_norm=0.1, mixed_precision=tr.cfg.train.mixed_precision)
     state = copy.deepcopy(tr.transformer.state_dict())
     opt_state = copy.deepcopy(tr.optimizer.state_dict())
     a = _replay(tr, state, opt_state, batch, seed=1)
@@ -119,13 +119,13 @@ def test_replaying_a_step_is_bit_identical(trainer):
 def test_denoise_only_and_relative_discount_variants(tiny_cfg):
     tr = SRPOTrainer(tiny_cfg("srpo.variant=denoise_only", "train.batch_size=1"))
     m = srpo_backward(tr.adapter, tr.transformer, tr.objective, tr.grid, tr.cfg.srpo, _batch(tr), 0,
-                      torch.Generator().manual_seed(0), 64, 3.0, tr.cfg.train.mixed_precision, levels=[[500]])
+                      torch.Generator().manual_seed(0), 64, 3.0, mixed_precision=tr.cfg.train.mixed_precision, levels=[[500]])
     assert [b["branch"] for b in m.branches] == ["denoise"]
     assert m.branches[0]["loss"] == pytest.approx(max(0, 0.7 - m.branches[0]["reward"]), rel=1e-5)
 
     tr = SRPOTrainer(tiny_cfg("srpo.variant=relative_discount", "train.batch_size=1"))
     m = srpo_backward(tr.adapter, tr.transformer, tr.objective, tr.grid, tr.cfg.srpo, _batch(tr), 0,
-                      torch.Generator().manual_seed(0), 64, 3.0, tr.cfg.train.mixed_precision, levels=[[500]])
+                      torch.Generator().manual_seed(0), 64, 3.0, mixed_precision=tr.cfg.train.mixed_precision, levels=[[500]])
     (b,) = m.branches
     discount = 3 * 0.5 / (1 + 2 * 0.5)  # shift(linspace(0, 1, 1001))[500] = shift(0.5)
     assert b["reward"] == pytest.approx((b["pos_score"] - b["neg_score"]) * discount, rel=1e-5)
@@ -135,7 +135,7 @@ def test_denoise_only_and_relative_discount_variants(tiny_cfg):
 def test_reward_aggregation_runs_every_injection(tiny_cfg):
     tr = SRPOTrainer(tiny_cfg("srpo.num_injections=3", "srpo.injection_discount=0.5", "train.batch_size=1"))
     m = srpo_backward(tr.adapter, tr.transformer, tr.objective, tr.grid, tr.cfg.srpo, _batch(tr), 0,
-                      torch.Generator().manual_seed(0), 64, 3.0, tr.cfg.train.mixed_precision)
+                      torch.Generator().manual_seed(0), 64, 3.0, mixed_precision=tr.cfg.train.mixed_precision)
     assert len(m.branches) == 6 and len(m.levels) == 3
     # weights 1, .5, .25 over 1.75, halved per branch: the first denoise loss is relu(0.7-R) * (1/1.75) / 2
     first = m.branches[0]
@@ -161,7 +161,7 @@ def _per_branch_grads(tr, cfg, batch, levels):
 
     tr.optimizer.zero_grad(set_to_none=True)
     m = srpo_backward(tr.adapter, tr.transformer, tr.objective, tr.grid, cfg, batch, 0,
-                      torch.Generator().manual_seed(0), 64, 3.0, tr.cfg.train.mixed_precision, levels=levels,
+                      torch.Generator().manual_seed(0), 64, 3.0, mixed_precision=tr.cfg.train.mixed_precision, levels=levels,
                       backward=backward)
     return m, per_branch
 
@@ -200,5 +200,5 @@ def test_reward_above_the_hinge_margin_gives_zero_loss_and_zero_gradient(tiny_cf
 
     # The whole step (clip + AdamW) sees a global gradient norm of exactly 0.
     step = srpo_step(tr.adapter, tr.transformer, tr.optimizer, tr.objective, tr.grid, tr.cfg.srpo, batch, 0,
-                     torch.Generator().manual_seed(0), 64, 3.0, 0.1, tr.cfg.train.mixed_precision, levels=levels)
+                     torch.Generator().manual_seed(0), 64, 3.0, max_grad_norm=0.1, mixed_precision=tr.cfg.train.mixed_precision, levels=levels)
     assert step.grad_norm == 0.0 and step.flat()["loss"] == 0.0

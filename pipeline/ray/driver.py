@@ -13,13 +13,17 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import ray
+import ray._private.ray_constants as ray_constants
 from ray.data import DataContext
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.state import list_actors
 
 from actors.learner import train_loop_per_worker
 from actors.reward import start_reward_actors
@@ -47,26 +51,33 @@ def connect_ray(num_cpus: int | None = None, runtime_env: dict[str, Any] | None 
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=runtime_env)
         return
-    import ray._private.ray_constants as ray_constants
-
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-
     ray_constants.ENABLE_RAY_CLUSTER = False
     # address="local": always a new cluster. Without it ray.init attaches to any cluster that
     # `ray start` left on this machine (/tmp/ray/ray_current_cluster), with other resources.
-    # Without a dashboard, Ray Train's placement-group cleaner asks http://localhost:8265 whether the
-    # run is alive; another cluster's dashboard there answers "no" and the live run is torn down.
-    # The local cluster's processes (started by ray.init, inheriting this environment) get a closed
-    # port (9, discard) unless the user set an address; this process's environment is restored so
-    # that later Ray clients it starts (e.g. `ray job submit`) are not affected.
-    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
-    try:
-        ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
-                 dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=runtime_env)
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+    # A dashboard on 127.0.0.1 and a free port: Ray Train's placement-group cleaner asks the state API
+    # whether the run is alive. Without a dashboard it falls back to localhost:8265, where another
+    # cluster's dashboard may answer "no" (and tear the live run down) or nothing does (a warning a second).
+    ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=_free_port(), log_to_driver=True,
+             runtime_env=_local_runtime_env(runtime_env))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _local_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+    """Actors load models with transformers / diffusers, whose per-load progress bars would
+    interleave with the step lines; the user's own settings win."""
+    env = dict(runtime_env or {})
+    quiet = {k: os.environ.get(k, v) for k, v in {"HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                                                   "TRANSFORMERS_VERBOSITY": "error",
+                                                   "DIFFUSERS_VERBOSITY": "error"}.items()}
+    env["env_vars"] = {**quiet, **env.get("env_vars", {})}
+    return env
 
 
 def required_cpus(cfg: Config) -> float:
@@ -84,6 +95,9 @@ def _dataset_factory(cfg: Config, store, storage: str, ray_run_name: str, images
     group, so a restarted group reads from the step of the checkpoint it restores instead of
     regenerating every earlier sample."""
     def make():
+        # Runs in the Train controller's process: its DataContext, not the driver's, decides whether
+        # Ray Data prints progress (bars, or every 10 s without a terminal) between the step lines.
+        DataContext.get_current().enable_progress_bars = False
         return build_dataset(cfg, store, start_step=ray_snapshot_step(storage, ray_run_name), images=images)
 
     return make
@@ -102,8 +116,6 @@ def _start_actors(cfg: Config, loop_config: dict[str, Any]) -> list[Any]:
 
 
 def _trainer(cfg: Config, loop_config: dict[str, Any], storage: str, ray_run_name: str, images) -> TorchTrainer:
-    # The learner prints one progress line per step; Ray Data's bars would interleave with it.
-    DataContext.get_current().enable_progress_bars = False
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -141,6 +153,7 @@ def run_ray(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         }
         actors = _start_actors(cfg, loop_config)
         result = _trainer(cfg, loop_config, storage, ray_run_name, images).fit()
+        _wait_for_train_cleanup()
         status = "FINISHED"
         return {"run_id": run.tracker.run_id, "tracking_uri": run.info["tracking_uri"],
                 "export": str(run.out / EXPORT_NAME), "run_dir": str(run.out),
@@ -152,3 +165,18 @@ def run_ray(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - best-effort clean-up of our own actors
                 pass
+
+
+def _wait_for_train_cleanup(timeout_s: float = 10.0) -> None:
+    """Ray Train's detached placement-group cleaner polls the state API about once a second until the
+    controller stops it; a local cluster torn down under a poll prints a GCS traceback. Wait (briefly)
+    until it has gone."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            alive = list_actors(filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])
+        except Exception:  # noqa: BLE001 - the state API is best effort here; nothing depends on it
+            return
+        if not alive:
+            return
+        time.sleep(0.5)

@@ -68,8 +68,10 @@ def build_dataset(cfg: Config, store=None, start_step: int = 0, images: list | N
                             # One task at a time per actor: tasks then start in step order, so an actor
                             # waiting for a future version never holds an earlier step's batch behind it.
                             compute=ActorPoolStrategy(min_size=n, max_size=n, max_tasks_in_flight_per_actor=1),
-                            num_cpus=cfg.rollout.num_cpus,
-                            num_gpus=cfg.rollout.num_gpus, max_restarts=-1, max_task_retries=-1)
+                            # Restarts: Ray Data's actor pools restart a dead actor and retry its task
+                            # without limit by default (max_restarts=-1, max_task_retries=-1), which the
+                            # rollout-actor kill test relies on.
+                            num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)
     return ds
 
 
