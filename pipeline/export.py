@@ -26,6 +26,7 @@ import yaml
 from pipeline.checkpoint import RUN_FILE, STATE_FILE, latest_checkpoint, read_state
 from pipeline.config import load_config
 from pipeline.models import parameter_template
+from pipeline.parallel import DeepSpeedZeroEngine, read_dcp_model_weights
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -330,10 +331,12 @@ def read_checkpoint_weights(ckpt: str | Path, model_path: str | None = None) -> 
     """The model weights of a complete checkpoint folder, consolidated on this process (no process group)."""
     ckpt = Path(ckpt)
     state = read_state(ckpt)  # raises ValueError naming the problem when incomplete
+    # The engines' own readers, kept beside the writers that made these folders (pipeline/parallel.py).
     if (ckpt / "model_optim").is_dir():
-        return _read_dcp_model(ckpt / "model_optim", model_path)
+        expected = transformer_template(model_path) if model_path is not None else None
+        return read_dcp_model_weights(ckpt / "model_optim", expected)
     if (ckpt / "deepspeed").is_dir():
-        return _read_deepspeed_model(ckpt / "deepspeed")
+        return DeepSpeedZeroEngine.read_model_weights(ckpt / "deepspeed")
     raise ValueError(f"{ckpt}: checkpoint of strategy {state.get('strategy')!r} has neither model_optim/ (DCP) "
                      "nor deepspeed/; expected one of them")
 
@@ -342,55 +345,3 @@ def transformer_template(model_path: str | Path) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes of the transformer of ``<model_path>/transformer`` (its family's
     parameter template, built on the meta device: no memory, no weights read)."""
     return parameter_template(model_path)
-
-
-def _read_dcp_model(dcp_dir: Path, model_path: str | None) -> dict[str, torch.Tensor]:
-    """Only the ``model`` entries of a DCP checkpoint into fp32 CPU tensors (the optimizer is skipped).
-
-    Keys and shapes are checked against the base transformer's config when it is known, else taken
-    from the checkpoint's metadata. Shards written by any number of ranks (FSDP2's DTensors) are
-    stitched by DCP itself; ``no_dist`` keeps it to this process.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    try:
-        metadata = dcp.FileSystemReader(str(dcp_dir)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - DCP raises several types for a bad folder
-        raise ValueError(f"{dcp_dir}: unreadable torch.distributed.checkpoint metadata ({e})") from e
-    saved = {k.removeprefix("model."): m for k, m in metadata.state_dict_metadata.items() if k.startswith("model.")}
-    bad = sorted(k for k, m in saved.items() if not isinstance(m, TensorStorageMetadata))
-    if not saved or bad:
-        raise ValueError(f"{dcp_dir}: {'non-tensor model entries ' + str(bad[:5]) if bad else 'no model entries'}; "
-                         "expected {'model': transformer state dict, 'optim': ...}")
-    shapes = {k: tuple(m.size) for k, m in saved.items()}
-    if model_path is not None:
-        expected = transformer_template(model_path)
-        if shapes != expected:
-            missing = sorted(set(expected) - set(shapes))
-            unexpected = sorted(set(shapes) - set(expected))
-            wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
-            raise KeyError(f"{dcp_dir}: model entries do not match the transformer of {model_path}: missing "
-                           f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
-    state = {k: torch.empty(shape, dtype=torch.float32) if saved[k].properties.dtype.is_floating_point
-             else torch.empty(shape, dtype=saved[k].properties.dtype) for k, shape in shapes.items()}
-    dcp.load({"model": state}, checkpoint_id=str(dcp_dir), no_dist=True)
-    return state
-
-
-def _read_deepspeed_model(ds_dir: Path) -> dict[str, torch.Tensor]:
-    """DeepSpeed ZeRO-2/3 partitions consolidated to fp32 with DeepSpeed's own zero_to_fp32 (CPU only).
-
-    Security note: zero_to_fp32 reads DeepSpeed's ``*_model_states.pt`` / ``*_optim_states.pt`` with
-    ``torch.load(weights_only=False)`` (they pickle DeepSpeed objects), which can run code from the
-    file. It is only ever called on a checkpoint folder that passed :func:`read_state` (our own
-    srpo_state.json and manifests), i.e. one this project wrote; never point it at foreign files.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    tag = "zero" if (ds_dir / "zero").is_dir() else None  # DeepSpeedZeroEngine.save_sharded's tag
-    if tag is None and not (ds_dir / "latest").is_file():
-        raise ValueError(f"{ds_dir}: no zero/ tag folder and no 'latest' file; expected "
-                         "DeepSpeedZeroEngine.save_sharded's checkpoint")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
-    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}

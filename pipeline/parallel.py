@@ -24,12 +24,16 @@ from __future__ import annotations
 import os
 import warnings
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from pipeline.config import OptimConfig
@@ -143,9 +147,6 @@ def _check_keys(state: dict[str, Tensor], expected: list[str]) -> None:
 
 
 def _save_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
 
@@ -153,13 +154,40 @@ def _save_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> 
 def _load_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
     """Inverse of :func:`_save_dcp`: every rank reads its own shards (DCP reshards if the layout
     differs) and loads them in place, model and AdamW state both."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def read_dcp_model_weights(dcp_dir: Path, expected: dict[str, tuple[int, ...]] | None) -> dict[str, torch.Tensor]:
+    """Only the ``model`` entries of a DCP checkpoint into fp32 CPU tensors (the optimizer is skipped).
+
+    Keys and shapes are checked against ``expected`` (the base transformer's parameter template) when
+    it is known, else taken from the checkpoint's metadata. Shards written by any number of ranks (FSDP2's DTensors) are
+    stitched by DCP itself; ``no_dist`` keeps it to this process.
+    """
+    try:
+        metadata = dcp.FileSystemReader(str(dcp_dir)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - DCP raises several types for a bad folder
+        raise ValueError(f"{dcp_dir}: unreadable torch.distributed.checkpoint metadata ({e})") from e
+    saved = {k.removeprefix("model."): m for k, m in metadata.state_dict_metadata.items() if k.startswith("model.")}
+    bad = sorted(k for k, m in saved.items() if not isinstance(m, TensorStorageMetadata))
+    if not saved or bad:
+        raise ValueError(f"{dcp_dir}: {'non-tensor model entries ' + str(bad[:5]) if bad else 'no model entries'}; "
+                         "expected {'model': transformer state dict, 'optim': ...}")
+    shapes = {k: tuple(m.size) for k, m in saved.items()}
+    if expected is not None:
+        if shapes != expected:
+            missing = sorted(set(expected) - set(shapes))
+            unexpected = sorted(set(shapes) - set(expected))
+            wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
+            raise KeyError(f"{dcp_dir}: model entries do not match the base transformer: missing "
+                           f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+    state = {k: torch.empty(shape, dtype=torch.float32) if saved[k].properties.dtype.is_floating_point
+             else torch.empty(shape, dtype=saved[k].properties.dtype) for k, shape in shapes.items()}
+    dcp.load({"model": state}, checkpoint_id=str(dcp_dir), no_dist=True)
+    return state
 
 
 def _is_rank0() -> bool:
@@ -419,6 +447,24 @@ class DeepSpeedZeroEngine:
                                                       dist_init_required=False)
         self.transformer = engine
         self.optimizer = optimizer
+
+    @staticmethod
+    def read_model_weights(ds_dir: Path) -> dict[str, torch.Tensor]:
+        """DeepSpeed ZeRO-2/3 partitions consolidated to fp32 with DeepSpeed's own zero_to_fp32 (CPU only).
+
+        Security note: zero_to_fp32 reads DeepSpeed's ``*_model_states.pt`` / ``*_optim_states.pt`` with
+        ``torch.load(weights_only=False)`` (they pickle DeepSpeed objects), which can run code from the
+        file. It is only ever called on a checkpoint folder that passed :func:`read_state` (our own
+        srpo_state.json and manifests), i.e. one this project wrote; never point it at foreign files.
+        """
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # optional dependency
+
+        tag = "zero" if (ds_dir / "zero").is_dir() else None  # DeepSpeedZeroEngine.save_sharded's tag
+        if tag is None and not (ds_dir / "latest").is_file():
+            raise ValueError(f"{ds_dir}: no zero/ tag folder and no 'latest' file; expected "
+                             "DeepSpeedZeroEngine.save_sharded's checkpoint")
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+        return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
     def save_sharded(self, path: str) -> None:
         """Collective: DeepSpeed's own ZeRO checkpoint (partitioned optimizer state) under ``path``."""

@@ -110,6 +110,10 @@ def run_local(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     ``<output.dir>/checkpoints``; the same run folder and MLflow run as a Ray run."""
     cfg = absolute_paths(cfg)
     console_logging()
+    if cfg.rollout.placement != "colocated" or cfg.reward.placement != "colocated":
+        logging.getLogger("srpo").info(
+            f"[srpo] learner.num_workers=0: rollout and reward run in this process (rollout.placement="
+            f"{cfg.rollout.placement}, reward.placement={cfg.reward.placement} apply to Ray runs)")
     previous = check_resumable(cfg, resume, ray_run=False)
     run = open_run(cfg, previous, ray_run=False)
     status = "FAILED"

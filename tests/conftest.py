@@ -60,7 +60,7 @@ def tiny_cfg(tiny_overrides):
 def ray_local():
     """One local Ray cluster for the session, started by the product's own connect_ray: 8 logical
     CPUs on 2 cores (Train reserves its workers' CPUs; Ray Data needs some for its actor pools),
-    no dashboard, bound to 127.0.0.1."""
+    bound to 127.0.0.1, its dashboard on a free loopback port."""
     import ray
 
     from pipeline.ray.driver import connect_ray
@@ -71,6 +71,9 @@ def ray_local():
         # down (default 30 s; they are blocked in a collective with the dead rank).
         "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"}})
     assert ray.util.get_node_ip_address() == "127.0.0.1"
+    # The dashboard (Ray Train's state-API target) listens on loopback only, on a free port.
+    url = ray._private.worker.global_worker.node.address_info["webui_url"]
+    assert url.startswith("127.0.0.1:") and not url.endswith(":8265"), url
     yield ray
     ray.shutdown()
 
