@@ -317,7 +317,8 @@ class FSDP2Engine(_DCPCheckpoints):
         finally:
             for module in self._fsdp_modules:
                 module.reshard()
-                module.set_reshard_after_forward(True, recurse=False)
+                if module is not self.transformer:  # the root keeps FSDP2's default (no reshard after forward)
+                    module.set_reshard_after_forward(True, recurse=False)
 
     def step(self, max_grad_norm: float) -> float:
         """``clip_grad_norm_`` on DTensor gradients computes the norm of the whole gradient (the

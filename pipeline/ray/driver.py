@@ -58,9 +58,20 @@ def connect_ray(num_cpus: int | None = None, runtime_env: dict[str, Any] | None 
     # A dashboard on 127.0.0.1 and a free port: Ray Train's placement-group cleaner asks the state API
     # whether the run is alive. Without a dashboard it falls back to localhost:8265, where another
     # cluster's dashboard may answer "no" (and tear the live run down) or nothing does (a warning a second).
-    ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=_free_port(), log_to_driver=True,
-             runtime_env=_local_runtime_env(runtime_env))
+    # The cleaner must also be told where that dashboard is: left to auto-detect, it fails ("Found
+    # multiple active Ray instances") when other clusters run on the host, and its thread dies
+    # silently. The raylet and every worker inherit the address from this environment at init; this
+    # process's own value is restored so later Ray clients it starts are not redirected.
+    port = _free_port()
+    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    try:
+        ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
+                 runtime_env=_local_runtime_env(runtime_env))
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
 
 
 def _free_port() -> int:
