@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine (Python 3.10+ with venv):
-#   make train   -> venv + install + SRPO on the tiny preset (local, MLflow in runs/tiny/mlflow.db)
+#   make train   -> venv + install + SRPO on the tiny preset (local, MLflow in ./mlflow.db)
 #   make test    -> venv + install + the whole test suite
 PY ?= python3
 VENV ?= .venv

@@ -15,6 +15,7 @@ import numpy as np
 from actors.weights import make_subscriber
 from pipeline.config import config_from_dict
 from pipeline.device import resolve_device
+from pipeline.lora import LoraSpec, add_lora
 from pipeline.models import load_adapter
 from pipeline.rollout import sample_x0
 from pipeline.sources import Batch, draw_eps
@@ -33,6 +34,9 @@ class RolloutStage:
         self.device = resolve_device(cfg.train.device)
         self.adapter = load_adapter(cfg.model.family, cfg.model.path, self.device, cfg.model.max_sequence_length,
                                     load_text_encoders=False, load_transformer=True)
+        lora = LoraSpec.from_config(cfg)
+        if lora is not None:  # the learner's LoRA layers on the same base: the weight sync moves adapters only
+            add_lora(self.adapter.transformer, lora, self.adapter, seed=cfg.seed)
         self.adapter.transformer.requires_grad_(False).eval()
         # object_store: pull the newest ref; broadcast: a receiver thread in the learner's broadcast group.
         self.weights = make_subscriber(cfg.rollout.weight_sync, store, self.adapter.transformer, self.device)

@@ -7,9 +7,11 @@ control that bounds staleness: a sample meant for learner step s is only generat
 has published version >= s - max_staleness, so Ray Data's read-ahead cannot run away from the learner.
 
 Cost: one full fp32 copy of the transformer per published version goes through the object store
-(FLUX.1-dev: 12B params = 48 GB fp32 / 24 GB bf16 per step). That is fine for the tiny/small presets,
-LoRA adapters and CPU runs, and is why the colocated rollout placement (no sync at all) is the
-default for FLUX.1-dev.
+(FLUX.1-dev: 12B params = 48 GB fp32 / 24 GB bf16 per step). That is fine for the tiny/small presets
+and CPU runs, and is why the colocated rollout placement (no sync at all) is the default for
+FLUX.1-dev. A LoRA run (lora.rank > 0) moves only its adapters, on both paths: the rollout actors
+build the same peft layers on the same base (pipeline/lora.py: policy_state / load_policy_state),
+about 0.52 GB fp32 per version for FLUX.1-dev at rank 32 (docs/sizing.md).
 
 ``rollout.weight_sync=broadcast`` moves the full weights through a standalone torch.distributed group
 (gloo on the CPU, NCCL on GPUs; the default process group, which Ray Train set up for FSDP, is never
@@ -44,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.device import distributed_backend, synchronize
+from pipeline.lora import load_policy_state, policy_state
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,8 @@ def publish_state(store, version: int, state: dict[str, torch.Tensor]) -> dict[s
 
 
 class WeightSubscriber:
-    """Rollout side: keeps a module at the newest published version, waiting when the bound says so."""
+    """Rollout side: keeps a module at the newest published version, waiting when the bound says so
+    (its whole state, or a LoRA model's adapters)."""
 
     def __init__(self, store, module: torch.nn.Module) -> None:
         self.store = store
@@ -160,7 +164,7 @@ class WeightSubscriber:
         latest: PublishedWeights = ray.get(self.store.wait_for.remote(min_version, timeout_s))
         if latest.version != self.version:
             state = ray.get(latest.refs[0])
-            self.module.load_state_dict(state, strict=True)
+            load_policy_state(self.module, state)
             self.version = latest.version
             self.last_sync_bytes = latest.nbytes
         else:
@@ -372,10 +376,11 @@ class BroadcastSubscriber:
             raise RuntimeError(f"weight broadcast: the learner uses {info['backend']} but this rollout actor's "
                                f"device {self.device} needs {distributed_backend(self.device)}")
         self.layout = [(k, tuple(s)) for k, s in info["layout"]]
-        own = _layout(module.state_dict())
-        if sorted(own) != sorted(self.layout):
-            raise RuntimeError("weight broadcast: the learner's state dict layout differs from the rollout model's")
-        self.numel = sum(v.numel() for v in module.state_dict().values())
+        own = policy_state(module)  # the whole state, or a LoRA model's adapters
+        if sorted(_layout(own)) != sorted(self.layout):
+            raise RuntimeError("weight broadcast: the learner's state dict layout differs from the rollout model's "
+                               "(the same lora.* settings on both sides?)")
+        self.numel = sum(v.numel() for v in own.values())
         self._bufs = [torch.empty(self.numel, dtype=torch.float32, device=self.device) for _ in range(2)]
         self._ready = 0  # index of the buffer holding the newest received version
         self._received = -1
@@ -427,7 +432,7 @@ class BroadcastSubscriber:
                                        f"(have {self._received})")
             if self._received != self.version:
                 t1 = time.perf_counter()
-                self.module.load_state_dict(_views(self._bufs[self._ready], self.layout), strict=True)
+                load_policy_state(self.module, _views(self._bufs[self._ready], self.layout))
                 self.last_load_s = time.perf_counter() - t1
                 self.version = self._received
                 self.last_sync_bytes = self.numel * 4

@@ -7,6 +7,8 @@ Configurations (the same global batch, colocated rollout and reward unless named
     single          learner.num_workers=0: the Learner in this process (torch's default threads)
     ray-1           Ray Train, 1 worker, learner.strategy=single, learner.num_cpus = the host's cores
     ray-fsdp2-2     Ray Train, 2 FSDP2 workers (gloo), learner.num_cpus = cores / 2 each
+    ray-fsdp2-2-gathered the same with learner.fsdp_keep_gathered=true: one all-gather and one
+                    reduce-scatter per step instead of one per forward / backward / branch
     ray-fsdp2-2-remote   the same learners with reward.placement=remote, 1 reward actor: the gradient
                     relay's overhead against colocated scoring on the same CPUs
 
@@ -65,6 +67,9 @@ def configurations(cores: int) -> dict[str, list[str]]:
                   f"train.batch_size={GLOBAL_BATCH}", *colocated],
         "ray-fsdp2-2": ["learner.num_workers=2", "learner.strategy=fsdp2", f"learner.num_cpus={max(1, cores // 2)}",
                         f"train.batch_size={GLOBAL_BATCH // 2}", *colocated],
+        "ray-fsdp2-2-gathered": ["learner.num_workers=2", "learner.strategy=fsdp2", "learner.fsdp_keep_gathered=true",
+                                 f"learner.num_cpus={max(1, cores // 2)}", f"train.batch_size={GLOBAL_BATCH // 2}",
+                                 *colocated],
         "ray-fsdp2-2-remote": ["learner.num_workers=2", "learner.strategy=fsdp2",
                                f"learner.num_cpus={max(1, cores // 2)}", f"train.batch_size={GLOBAL_BATCH // 2}",
                                "rollout.placement=colocated", "reward.placement=remote", "reward.num_actors=1",
@@ -78,7 +83,8 @@ def series(result: dict[str, Any], key: str) -> dict[int, float]:
 
 
 def measure(name: str, overrides: list[str], base: list[str], root: Path) -> dict[str, Any]:
-    cfg = load_config(REPO / "configs/tiny.yaml", base + overrides + [f"output.dir={root / name}"])
+    cfg = load_config(REPO / "configs/tiny.yaml", base + overrides + [
+        f"output.dir={root / name}", f"log.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     result = (run_local if cfg.learner.num_workers == 0 else run_ray)(cfg)

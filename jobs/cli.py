@@ -11,6 +11,7 @@ COMMANDS = {
     "evaluate": "jobs.evaluate",
     "sample": "jobs.sample",
     "make-tiny": "jobs.make_tiny",
+    "compare": "jobs.compare",
 }
 
 

@@ -18,6 +18,7 @@ import ray
 from jobs.common import add_config_args
 from pipeline.config import Config, ConfigError, absolute_paths, load_config
 from pipeline.embeddings import report_dict
+from pipeline.preflight import check_model_folder, check_prompts
 from pipeline.ray.driver import connect_ray
 from pipeline.ray.preprocess import preprocess
 from pipeline.tiny import make_tiny_world
@@ -33,13 +34,14 @@ def load_preprocess_config(args: argparse.Namespace) -> Config:
         cfg = load_config(args.config, args.overrides)
         if cfg.tiny.enabled:
             make_tiny_world(cfg.tiny.dir, seed=cfg.tiny.seed)
-        if not cfg.model.path or not (Path(cfg.model.path) / "model_index.json").is_file():
-            raise ConfigError(f"model.path: {cfg.model.path!r} has no model_index.json; expected a local "
-                              "diffusers folder with the FLUX.1-dev layout")
+        if not cfg.model.path or not Path(cfg.model.path).is_dir():
+            raise ConfigError(f"model.path: {cfg.model.path!r} does not exist; expected a local diffusers folder")
+        check_model_folder(cfg)  # the family's layout, as every other command checks it (pipeline/preflight.py)
         prompts = args.prompts or cfg.data.prompts
         if not prompts or not Path(prompts).is_file():
             raise ConfigError(f"{'--prompts' if args.prompts else 'data.prompts'}: {prompts!r} does not exist; "
                               "expected a text file with one prompt per line, or a parquet with 'caption'")
+        check_prompts(prompts, "--prompts" if args.prompts else "data.prompts")
         return absolute_paths(cfg)  # the encoding actors do not run in this directory
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -21,9 +21,10 @@ from pathlib import Path
 from PIL import Image
 
 from jobs.common import add_config_args, prepared_config
+from jobs.export import log_to_training_run
 from pipeline.data import read_prompts
 from pipeline.device import resolve_device
-from pipeline.export import read_weights, resolve_weights
+from pipeline.export import WeightsSource, read_weights, resolve_weights
 from pipeline.models import family_class, load_adapter
 from pipeline.sampling import generate, load_scheduler_config, to_uint8
 
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="square size in pixels (default eval.resolution or data.resolution)")
     p.add_argument("--seed", type=int, help="seed of prompt 0; prompt i uses seed + i (default eval.seed)")
     p.add_argument("--batch-size", type=int, help="images per transformer call (default eval.batch_size)")
+    p.add_argument("--no-mlflow", action="store_true",
+                   help="do not log the images to the training run of --weights (logged by default)")
     p.add_argument("--mixed-precision", choices=["fp32", "bf16"],
                    help="transformer compute precision (default train.mixed_precision)")
     return p
@@ -68,7 +71,7 @@ def collect_prompts(items: list[str]) -> list[str]:
     return prompts
 
 
-def load_transformer_weights(transformer, weights: str, model_path: str) -> str:
+def load_transformer_weights(transformer, weights: str, model_path: str) -> WeightsSource:
     """Load SOURCE into the base transformer in place (strict: every diffusers key, nothing else)."""
     source = resolve_weights(weights, model_path)
     state = read_weights(source)
@@ -77,7 +80,20 @@ def load_transformer_weights(transformer, weights: str, model_path: str) -> str:
     except RuntimeError as e:
         raise ValueError(f"{source.path}: weights do not fit the transformer of {model_path} ({e}); "
                          "expected a state dict of that transformer config") from e
-    return f"{source.kind} {source.path}"
+    return source
+
+
+def log_samples(source: WeightsSource | None, out: Path) -> None:
+    """Samples of a training run's weights go to that run in MLflow (``samples/<out>``), beside its
+    metrics; a failure to log leaves the written images in place and says why."""
+    if source is None or source.run_dir is None or not (source.run_dir / "run.json").is_file():
+        return
+    try:
+        run_id = log_to_training_run(source.run_dir, out, "samples")
+        print(f"mlflow: logged {out.name}/ to run {run_id} under samples/", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - the images are written; say why logging failed
+        print(f"srpo sample: warning: could not log to MLflow ({type(e).__name__}: {e}); "
+              f"the images are in {out}", file=sys.stderr)
 
 
 def write_image(image, path: Path) -> None:
@@ -109,13 +125,14 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(cfg.train.device)
     adapter = load_adapter(cfg.model.family, cfg.model.path, device, cfg.model.max_sequence_length)
-    weights = "base"
+    weights, source = "base", None
     if args.weights:
         try:
-            weights = load_transformer_weights(adapter.transformer, args.weights, cfg.model.path)
+            source = load_transformer_weights(adapter.transformer, args.weights, cfg.model.path)
         except (OSError, ValueError, KeyError) as e:
             print(f"srpo sample: error: {e}", file=sys.stderr)
             return 2
+        weights = f"{source.kind} {source.path}"
     print(f"weights: {weights}", file=sys.stderr)
     scheduler_config = load_scheduler_config(cfg.model.path)
 
@@ -139,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 "mixed_precision": mixed_precision, "max_sequence_length": cfg.model.max_sequence_length}
     (out / "index.json").write_text(json.dumps({"settings": settings, "images": entries}, indent=2), encoding="utf-8")
     print(f"wrote {len(entries)} images to {out}")
+    if not args.no_mlflow:
+        log_samples(source, out)
     return 0
 
 

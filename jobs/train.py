@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from jobs.common import add_config_args, prepared_config
 from pipeline.config import ConfigError
 from pipeline.ray.driver import run_ray
-from pipeline.runs import run_local
+from pipeline.runs import check_persistent_outputs, run_local, stage_resume
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,14 +25,19 @@ def main(argv: list[str] | None = None) -> int:
                         "(its output.dir); its config.yaml is used, overrides (e.g. train.max_steps=40) apply on top")
     args = p.parse_args(argv)
     if args.resume is not None:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file() or not (run_dir / "run.json").is_file():
-            print(f"config error: --resume {run_dir}: expected a run folder with config.yaml and run.json "
-                  "(the output.dir of an earlier `srpo train`)", file=sys.stderr)
+        try:
+            config_file, output_dir = stage_resume(args.resume)
+        except FileNotFoundError as e:
+            print(f"config error: --resume {args.resume}: {e}", file=sys.stderr)
             return 2
-        args.config = str(run_dir / "config.yaml")
-        args.overrides = list(args.overrides) + [f"output.dir={run_dir.resolve()}"]
+        args.config = str(config_file)
+        args.overrides = list(args.overrides) + [f"output.dir={output_dir}"]
     cfg = prepared_config(args)
+    try:
+        check_persistent_outputs(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     run = run_ray if cfg.learner.num_workers >= 1 else run_local
     try:
         result = run(cfg, resume=args.resume)

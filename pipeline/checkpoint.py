@@ -13,9 +13,10 @@ A checkpoint folder (every rank writes its part into a local folder and reports 
 merges the folders of one step into one)::
 
     srpo_state.json               rank 0: step, world size, strategy, control-word phase, lr schedule,
-                                  data position, gold-reward state (see ``TrainingState``)
+                                  data position, gold-reward state, LoRA settings (see ``TrainingState``)
     model_optim/                  torch.distributed.checkpoint of {"model": ..., "optim": ...}
-                                  (strategies single and fsdp2; plain diffusers parameter names)
+                                  (strategies single and fsdp2; plain diffusers parameter names; a LoRA
+                                  run: the adapters and their AdamW state alone, peft's module names)
     deepspeed/                    DeepSpeed's own checkpoint (strategy deepspeed)
     rng/rank_<r>.safetensors      rank r's generators (torch CPU, accelerator; levels m in format 1's
                                   checkpoints: levels are now drawn from per-sample seeds)
@@ -43,8 +44,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
+from pipeline.lora import record_of
 from pipeline.schedules import lr_at
+from pipeline.storage import RunStorage, read_text
 from rewards.srp import control_words
 
 STATE_FILE = "srpo_state.json"
@@ -124,12 +127,13 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
-    """``run.json`` of a run folder; raises FileNotFoundError naming what was expected."""
-    f = Path(run_dir) / RUN_FILE
-    if not f.is_file():
-        raise FileNotFoundError(f"{f}: missing; expected a run folder written by `srpo train` "
-                                "(its output.dir, with run.json and config.yaml)")
-    return json.loads(f.read_text())
+    """``run.json`` of a run folder (a path or a URI); raises FileNotFoundError naming what was expected."""
+    location = f"{str(run_dir).rstrip('/')}/{RUN_FILE}"
+    try:
+        return json.loads(read_text(location))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{location}: missing; expected a run folder written by `srpo train` "
+                                "(its output.dir, with run.json and config.yaml)") from None
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -195,13 +199,16 @@ def save_training_checkpoint(folder: str | Path, engine, strategy: str, rank: in
 
 
 def load_training_checkpoint(folder: str | Path, engine, strategy: str, rank: int, world_size: int,
-                             level_generator) -> dict[str, Any]:
+                             level_generator, lora: dict[str, Any] | None = None) -> dict[str, Any]:
     """Collective: restore model, optimizer and this rank's generators; returns srpo_state.json.
 
     The world size and strategy must match the checkpoint's: the per-rank generator streams (the
-    levels m each rank draws) are only defined for the same ranks.
+    levels m each rank draws) are only defined for the same ranks. So must the LoRA settings
+    (``lora``: :func:`pipeline.lora.record_of` the config, None for full fine-tuning): the model
+    entries are the adapters of those settings, or the whole model.
     """
     state = read_state(folder)
+    check_lora_record(state.get("lora"), lora, folder)
     if int(state["world_size"]) != world_size:
         raise ValueError(f"{folder}: written by {state['world_size']} learner workers, resumed with {world_size}; "
                          "set learner.num_workers to the checkpoint's value")
@@ -218,24 +225,76 @@ def load_training_checkpoint(folder: str | Path, engine, strategy: str, rank: in
     return state
 
 
+def _describe_lora(record: dict[str, Any] | None) -> str:
+    if not record:
+        return "full fine-tuning (lora.rank=0)"
+    targets = record["target_modules"] or "the model family's default"
+    return (f"LoRA lora.rank={record['rank']} lora.alpha={record['alpha']} lora.dropout={record['dropout']} "
+            f"lora.target_modules={targets}")
+
+
+def check_lora_record(recorded: dict[str, Any] | None, expected: dict[str, Any] | None, where: str | Path) -> None:
+    """ConfigError when a checkpoint's LoRA settings (srpo_state.json) differ from the config's."""
+    if (recorded or None) != (expected or None):
+        raise ConfigError(f"lora: the checkpoint in {where} was trained with {_describe_lora(recorded)}, the config "
+                          f"gives {_describe_lora(expected)}; resume with the settings the run started with")
+
+
+def run_checkpoint_state(run_dir: str | Path, run: dict[str, Any]) -> dict[str, Any] | None:
+    """srpo_state.json of the checkpoint a ``--resume`` of ``run_dir`` restores (None when there is
+    none), read without downloading the checkpoint: Ray Train's snapshot names it for a Ray run; a
+    single-process run's newest checkpoint whose state file exists (written, and uploaded, last)."""
+    root = str(run_dir).rstrip("/")
+    if run.get("ray_run_name"):
+        name = ray_snapshot_checkpoint(f"{root}/ray", run["ray_run_name"])
+        names = [f"ray/{run['ray_run_name']}/{name}"] if name else []
+    else:
+        storage, sub = RunStorage(run_dir), LocalCheckpoints.SUB
+        if storage.remote:
+            names = [f"{sub}/{n}" for n in reversed(storage.listdir(sub)) if n.startswith("checkpoint_")]
+        else:
+            found = latest_checkpoint(storage.path(sub)) if storage.path(sub).is_dir() else None
+            names = [f"{sub}/{found.name}"] if found is not None else []
+    for rel in names:
+        try:
+            return json.loads(read_text(f"{root}/{rel}/{STATE_FILE}"))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_resume_lora(cfg: Config, run_dir: str | Path, run: dict[str, Any]) -> None:
+    """``--resume``: refuse other LoRA settings than the checkpoint's before any training work."""
+    state = run_checkpoint_state(run_dir, run)
+    if state is not None:
+        check_lora_record(state.get("lora"), record_of(cfg), run_dir)
+
+
 def ray_snapshot_step(storage_path: str | Path, run_name: str) -> int:
     """The step of the checkpoint Ray Train will restore for ``run_name`` (0 when none).
 
     Read from Ray Train's checkpoint-manager snapshot (written when a checkpoint is registered),
-    which is what ``ray.train.get_checkpoint()`` returns after a restart. The snapshot's format is
-    Ray's: if it cannot be read, 0 is returned and the learner skips the rows it has already
-    trained on instead (correct, only slower).
+    which is what ``ray.train.get_checkpoint()`` returns after a restart; ``storage_path`` is a
+    folder or a URI. The snapshot's format is Ray's: if it cannot be read, 0 is returned and the
+    learner skips the rows it has already trained on instead (correct, only slower).
     """
-    run_root = Path(storage_path) / run_name
-    snap = run_root / "checkpoint_manager_snapshot.json"
+    run_root = f"{str(storage_path).rstrip('/')}/{run_name}"
     try:
-        data = json.loads(snap.read_text())
-        if isinstance(data, str):  # pydantic .json() nested as a string
-            data = json.loads(data)
-        name = data["latest_checkpoint_result"]["checkpoint_dir_name"]
-        return int(read_state(run_root / name)["step"])
+        name = ray_snapshot_checkpoint(storage_path, run_name)
+        return int(json.loads(read_text(f"{run_root}/{name}/{STATE_FILE}"))["step"]) if name else 0
     except (OSError, ValueError, KeyError, TypeError):
         return 0
+
+
+def ray_snapshot_checkpoint(storage_path: str | Path, run_name: str) -> str | None:
+    """The folder name (``checkpoint_...``) of the checkpoint Ray Train will restore, None when none."""
+    try:
+        data = json.loads(read_text(f"{str(storage_path).rstrip('/')}/{run_name}/checkpoint_manager_snapshot.json"))
+        if isinstance(data, str):  # pydantic .json() nested as a string
+            data = json.loads(data)
+        return str(data["latest_checkpoint_result"]["checkpoint_dir_name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------ run state
@@ -270,6 +329,7 @@ class TrainingState:
                      "mode": cfg.rollout.mode},
             "gold": self.gold,
             "seed": cfg.seed,
+            "lora": record_of(cfg),  # None: full fine-tuning
         }
 
     @classmethod
@@ -297,36 +357,67 @@ class LocalCheckpoints:
 
     The same folder layout as a Ray Train checkpoint. A checkpoint is written into a hidden
     temporary folder and renamed into place, so a crash leaves the previous one intact; the newest
-    ``keep`` complete checkpoints are kept.
+    ``keep`` complete checkpoints are kept. With a remote ``output.dir`` (:meth:`on` a URI's
+    storage) each checkpoint is then uploaded, its state file last, and ``latest`` downloads the
+    newest complete one.
     """
 
-    def __init__(self, root: str | Path, keep: int) -> None:
-        self.root, self.keep = Path(root), keep
+    SUB = "checkpoints"
+
+    def __init__(self, root: str | Path, keep: int, storage: RunStorage | None = None) -> None:
+        self.root, self.keep, self.storage = Path(root), keep, storage
+
+    @classmethod
+    def on(cls, storage: RunStorage, keep: int) -> "LocalCheckpoints":
+        return cls(storage.path(cls.SUB), keep, storage if storage.remote else None)
 
     @contextmanager
     def latest(self) -> Iterator[Path | None]:
-        yield latest_checkpoint(self.root) if self.root.is_dir() else None
+        if self.storage is not None:
+            yield self.fetch_latest()
+        else:
+            yield latest_checkpoint(self.root) if self.root.is_dir() else None
+
+    def fetch_latest(self) -> Path | None:
+        """The newest checkpoint in storage whose state file is there (uploaded last), downloaded."""
+        for name in reversed(self.storage.listdir(self.SUB)):
+            if name.startswith("checkpoint_"):
+                local = self.storage.download(f"{self.SUB}/{name}")
+                if local is not None and checkpoint_problem(local) is None:
+                    return local
+        return None
 
     def save(self, step: int, write, metrics: dict[str, float]) -> None:
         """``write(folder)`` writes this rank's part; ``metrics`` are not needed here (MLflow has them)."""
         final = self.root / f"checkpoint_{step:06d}"
         tmp = self.root / f".tmp-checkpoint_{step:06d}"
+        if self.storage is not None:  # a step trained again after a resume: no stale files of the old copy
+            self.storage.delete(f"{self.SUB}/{final.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         write(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        if self.storage is not None:
+            self.storage.upload(f"{self.SUB}/{final.name}", last=STATE_FILE)
+            kept = [n for n in self.storage.listdir(self.SUB) if n.startswith("checkpoint_")][-self.keep:]
+            for name in self.storage.listdir(self.SUB):
+                if name.startswith("checkpoint_") and name not in kept:
+                    self.storage.delete(f"{self.SUB}/{name}")
         for old in find_checkpoints(self.root)[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     def report(self, metrics: dict[str, float]) -> None:
         pass
 
+    def done_steps(self) -> int:
+        with self.latest() as ckpt:
+            return int(read_state(ckpt)["step"]) if ckpt is not None else 0
+
 
 def run_done_steps(run_dir: str | Path, run: dict[str, Any]) -> int:
-    """Steps an earlier run in ``run_dir`` has checkpointed (0 when none): Ray Train's snapshot for a
-    Ray run, the newest local checkpoint for a single-process run."""
+    """Steps an earlier run in ``run_dir`` (a folder or a URI) has checkpointed (0 when none): Ray
+    Train's snapshot for a Ray run, the newest checkpoint for a single-process run."""
     if run.get("ray_run_name"):
-        return ray_snapshot_step(Path(run_dir) / "ray", run["ray_run_name"])
-    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints") if (Path(run_dir) / "checkpoints").is_dir() else None
-    return int(read_state(ckpt)["step"]) if ckpt is not None else 0
+        return ray_snapshot_step(f"{str(run_dir).rstrip('/')}/ray", run["ray_run_name"])
+    return LocalCheckpoints.on(RunStorage(run_dir), keep=1).done_steps()

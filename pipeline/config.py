@@ -33,11 +33,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    family: Literal["flux"] = "flux"
-    # A local diffusers folder with the FLUX.1-dev layout (model_index.json, transformer/, vae/,
-    # text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/).
+    family: Literal["flux", "qwen_image"] = "flux"  # docs/models.md: what each family implements
+    # A local diffusers folder with the family's layout: FLUX.1-dev's (model_index.json, transformer/, vae/,
+    # text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/) or Qwen-Image's (one text_encoder/).
     path: str = ""
-    max_sequence_length: int = 512  # T5 tokens; 512 for FLUX.1-dev
+    max_sequence_length: int = 512  # text tokens: T5 for FLUX (512 for FLUX.1-dev), Qwen2.5-VL for Qwen-Image
     # Weights are kept in fp32 (master copy); compute may autocast to bf16 (train.mixed_precision).
     activation_checkpointing: bool = False
 
@@ -52,6 +52,9 @@ class DataConfig:
     images: str = ""
     # Images whose shorter side is below this are skipped (0 = data.resolution: never upsample).
     min_image_size: int = 0
+    # Images with more pixels (width x height, read from the header) are skipped as too_large and
+    # never decoded: PIL's decompression-bomb guard. Default: PIL's own limit (~89.5 Mpx).
+    max_image_pixels: int = 89_478_485
     # The output folder of `srpo preprocess` (parquet of text embeddings). When set, training reads
     # the captions and embeddings from it and runs no text encoder.
     prompt_embeddings: str = ""
@@ -137,6 +140,19 @@ class OptimConfig:
 
 
 @dataclass
+class LoRAConfig:
+    # 0 = full fine-tuning (every transformer weight trains). r > 0: peft LoRA adapters of rank r on
+    # the target layers; the base is frozen and only the adapters train, sync and checkpoint.
+    rank: int = 0
+    alpha: float | None = None  # scaling = alpha / rank; null = rank (scaling 1)
+    dropout: float = 0.0  # on the adapters' input, while training
+    # Layer names inside a transformer block, matched in every block (a name, or the end of one after
+    # a "."); [] = the model family's default: every block's attention projections and feed-forward
+    # layers (README, "LoRA").
+    target_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 20  # the authors' best result; longer training drifts
     batch_size: int = 1  # prompts per device per optimizer step
@@ -156,6 +172,9 @@ class LearnerConfig:
     # single: one unsharded worker (num_workers=1: the single-process engine under Ray Train)
     strategy: Literal["fsdp2", "deepspeed", "single"] = "fsdp2"
     zero_stage: int = 2  # deepspeed only: 2 or 3
+    # fsdp2 only: keep the blocks gathered through a step's forwards and backwards and reduce-scatter
+    # the branches' gradients once (fewer collectives; a whole model + gradient per rank in the step).
+    fsdp_keep_gathered: bool = False
     num_cpus: float = 1.0  # per learner worker
     use_gpu: bool = False
 
@@ -200,11 +219,17 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
-    tracking_uri: str = ""  # "" = sqlite:///<output.dir>/mlflow.db (embedded, nothing to start)
+    # "" = MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the directory the command runs in
+    # (MLflow's own default): runs with different output folders share one store.
+    tracking_uri: str = ""
     experiment: str = "srpo"
     run_name: str = ""
     every: int = 1
     image_every: int = 5  # steps between rollout image grids (0 = never)
+    # CPU, memory, disk, network and (with nvidia-ml-py) GPU samples as system/* metrics, every 10 s
+    # (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL), from the process that trains (Ray: learner rank 0).
+    # null = on when the learners train on GPUs (train.device / learner.use_gpu).
+    system_metrics: bool | None = None
 
 
 @dataclass
@@ -232,6 +257,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -405,6 +431,7 @@ def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
     _validate_srpo(cfg)
     _validate_run(cfg)
+    _validate_lora(cfg)
     _validate_eval(cfg)
 
 
@@ -464,10 +491,25 @@ def _validate_run(cfg: Config) -> None:
              f"got {cfg.rollout.max_staleness}, expected >= 0")
     _require(cfg.data.min_image_size >= 0, "data.min_image_size",
              f"got {cfg.data.min_image_size}, expected >= 0")
+    smallest = (cfg.data.min_image_size or cfg.data.resolution) ** 2
+    _require(cfg.data.max_image_pixels >= smallest, "data.max_image_pixels",
+             f"got {cfg.data.max_image_pixels}, expected >= {smallest} (the smallest usable image: "
+             "data.min_image_size, or data.resolution, squared)")
     _require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", f"got {cfg.optim.warmup_steps}, expected >= 0")
     _require(cfg.train.max_failures >= -1, "train.max_failures",
              f"got {cfg.train.max_failures}, expected -1 (no limit) or >= 0")
     _require(cfg.reward.num_actors >= 1, "reward.num_actors", f"got {cfg.reward.num_actors}, expected >= 1")
+
+
+def _validate_lora(cfg: Config) -> None:
+    lo = cfg.lora
+    _require(lo.rank >= 0, "lora.rank", f"got {lo.rank}, expected 0 (full fine-tuning) or a positive rank")
+    _require(lo.alpha is None or lo.alpha > 0, "lora.alpha", f"got {lo.alpha}, expected a positive number or null (= lora.rank)")
+    _require(0.0 <= lo.dropout < 1.0, "lora.dropout", f"got {lo.dropout}, expected 0 <= dropout < 1")
+    _require(all(t.strip() and t == t.strip() and not t.startswith(".") for t in lo.target_modules),
+             "lora.target_modules", f"got {lo.target_modules}, expected non-empty layer names such as 'attn.to_q'")
+    _require(len(set(lo.target_modules)) == len(lo.target_modules), "lora.target_modules",
+             f"got {lo.target_modules}, expected each name once")
 
 
 def _validate_eval(cfg: Config) -> None:
@@ -552,7 +594,9 @@ def absolute_paths(cfg: Config, base: str | Path | None = None) -> Config:
     root = Path(base) if base is not None else Path.cwd()
 
     def fix(value: str) -> str:
-        return str((root / value).resolve()) if value and not Path(value).is_absolute() else value
+        if not value or Path(value).is_absolute() or "://" in value:  # URIs (s3://, gs://, file://) as typed
+            return value
+        return str((root / value).resolve())
 
     out = config_from_dict(cfg.to_dict())
     out.model.path = fix(out.model.path)

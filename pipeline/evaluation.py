@@ -34,7 +34,8 @@ from pipeline.device import resolve_device
 from pipeline.export import WeightsSource, find_run_dir, read_weights, resolve_weights, source_step
 from pipeline.models import load_adapter
 from pipeline.sampling import generate, load_scheduler_config, to_uint8
-from pipeline.tracking import ClientRun, default_tracking_uri
+from pipeline.storage import is_uri
+from pipeline.tracking import ClientRun, default_tracking_uri, prompt_dataset
 from rewards.scorers import Scorer, load_scorers
 
 GRID_GAP = 4  # white pixels between the base and the trained image of a prompt
@@ -140,19 +141,6 @@ def _scheduler_config(model_path: str | Path) -> dict[str, Any] | None:
     return load_scheduler_config(model_path) if has_own else None
 
 
-def find_train_run_id(weights: str | Path) -> str | None:
-    """The training run's MLflow id when ``weights`` is or lies in a run folder (run.json), else None.
-
-    A run folder itself, its export (``transformer/*.safetensors``), ``best/`` or a checkpoint all
-    trace back to the run that produced them.
-    """
-    run_dir = find_run_dir(weights)
-    if run_dir is None:
-        return None
-    run_id = read_run(run_dir).get("run_id")
-    return str(run_id) if run_id else None
-
-
 # ------------------------------------------------------------------------------------- scoring
 
 
@@ -242,21 +230,38 @@ def _params(cfg: Config, report: EvalReport, scorers: list[ScorerConfig]) -> dic
     }
 
 
+def log_eval_images(run: ClientRun, report: EvalReport, base_images: Tensor | None, images: Tensor) -> None:
+    """Per prompt: ``eval/images/<i>.png`` (a plain file), and the same picture step-indexed under the
+    key ``eval/<i>`` at the evaluated weights' training step, its prompt printed under it: MLflow's
+    image view lines up the evaluations of one run's checkpoints by step."""
+    step = report.weights_step or 0
+    label = "base | trained: " if base_images is not None else ""
+    for i in range(images.shape[0]):
+        pair = side_by_side(None if base_images is None else base_images[i], images[i])
+        run.log_image(pair, f"eval/images/{i:04d}.png")
+        run.log_step_image(pair, f"eval/{i:04d}", step, [label + report.prompts[i]])
+
+
 def log_evaluation(report: EvalReport, cfg: Config, scorers: list[ScorerConfig], base_images: Tensor | None,
                    images: Tensor, run_name: str | None) -> str:
     """Create and fill the MLflow evaluation run; returns its id."""
     tags = {"srpo.kind": "evaluation", "srpo.weights": report.weights or "base", "srpo.model_path": cfg.model.path}
+    if report.weights_file:
+        tags["srpo.weights_file"] = report.weights_file
+    if report.weights_step is not None:
+        tags["srpo.step"] = str(report.weights_step)
     if report.train_run_id:
-        tags["srpo.train_run_id"] = report.train_run_id
+        # MLflow's own nesting tag (what start_run(parent_run_id=...) sets): the UI shows the
+        # evaluation under the training run it scored.
+        tags["srpo.train_run_id"] = tags["mlflow.parentRunId"] = report.train_run_id
     default_name = f"eval-{cfg.log.run_name}" if cfg.log.run_name else None  # never the training run's name
     run = ClientRun.create(report.tracking_uri, report.experiment, tags, run_name or default_name)
     status = "FAILED"
     try:
         run.log_batch(report.metrics(), _params(cfg, report, scorers))
         run.log_table(report.table(), "eval/per_prompt.json")
-        for i in range(images.shape[0]):
-            run.log_image(side_by_side(None if base_images is None else base_images[i], images[i]),
-                          f"eval/images/{i:04d}.png")
+        log_eval_images(run, report, base_images, images)
+        run.log_input(prompt_dataset(cfg.eval.prompts or cfg.data.heldout_prompts), "evaluation")
         run.log_text(cfg.to_yaml(), "config.yaml")
         status = "FINISHED"
     finally:
@@ -286,12 +291,14 @@ def evaluate(cfg: Config, weights: str | None, base: bool = True, out_dir: str |
     ``weights``: anything :func:`pipeline.export.load_weights` reads (a safetensors export, a
     diffusers folder, a checkpoint or a run folder); None evaluates the base model alone.
     ``base=False`` skips the base images (no base_mean / delta). ``out_dir``: where to also write
-    report.json and the images (None = MLflow only). ``tracking_uri`` defaults to the config's.
+    report.json and the images (None = MLflow only). ``tracking_uri`` defaults to the training run's
+    (run.json) when the weights come from one, else to the config's (:func:`default_tracking_uri`).
     """
     dev = torch.device(device) if device is not None else resolve_device(cfg.train.device)
     prompts = eval_prompts(cfg)
     seeds = eval_seeds(cfg, len(prompts))
-    weights = str(Path(weights).resolve()) if weights is not None else None
+    if weights is not None and not is_uri(weights):  # a URI: a run folder in remote storage
+        weights = str(Path(weights).resolve())
     # Resolved before any model work, so a wrong --weights fails in a second, not after sampling.
     source = resolve_weights(weights, model_path=cfg.model.path) if weights is not None else None
     sc_cfgs = scorer_configs(cfg)
@@ -299,12 +306,16 @@ def evaluate(cfg: Config, weights: str | None, base: bool = True, out_dir: str |
     scorers = load_scorers(sc_cfgs, dev)
     scores = score_images(scorers, images, prompts, cfg.eval.batch_size)
     base_scores = score_images(scorers, base_images, prompts, cfg.eval.batch_size) if base_images is not None else {}
+    # An evaluation of a training run's weights goes into that run's store and experiment, nested
+    # under it; other weights go where this command's tracking URI points.
+    train = read_run(source.run_dir) if source is not None and find_run_dir(source.path) is not None else None
     report = EvalReport(
-        run_id="", tracking_uri=tracking_uri or default_tracking_uri(cfg), experiment=cfg.log.experiment,
+        run_id="", tracking_uri=tracking_uri or (train or {}).get("tracking_uri") or default_tracking_uri(cfg),
+        experiment=(train or {}).get("experiment") or cfg.log.experiment,
         weights=weights, prompts=prompts, seeds=seeds,
         scores={k: v.tolist() for k, v in scores.items()},
         base_scores={k: v.tolist() for k, v in base_scores.items()},
-        train_run_id=find_train_run_id(weights) if weights is not None else None,
+        train_run_id=str(train["run_id"]) if train else None,
         out_dir=str(out_dir) if out_dir is not None else None,
         weights_file=str(source.path) if source is not None else None,
         weights_step=source_step(source) if source is not None else None,

@@ -10,11 +10,14 @@ Reading (:func:`load_weights`) accepts every place trained weights live:
 Writing keeps the plain diffusers parameter names, so the result loads exactly as the authors load
 theirs (FLUX: ``FluxPipeline.from_pretrained(base); pipe.transformer.load_state_dict(load_file(path))``).
 Every write goes through a temporary file or folder and a rename: a crash never leaves half a file.
+:func:`export_single_file` adds fp8 (e4m3fn with scales) and ComfyUI's original-key layout
+(docs/export.md); an fp8 export in the diffusers layout reads back through :func:`load_weights`.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +26,14 @@ from typing import Literal
 import torch
 import yaml
 
-from pipeline.checkpoint import RUN_FILE, STATE_FILE, latest_checkpoint, read_state
+from pipeline.checkpoint import (RUN_FILE, STATE_FILE, LocalCheckpoints, latest_checkpoint, ray_snapshot_checkpoint,
+                                 read_run, read_state)
 from pipeline.config import load_config
-from pipeline.models import parameter_template
+from pipeline.lora import LORA_DIR, LORA_WEIGHTS, LoraSpec, merge_lora, save_lora_folder, split_lora_state
+from pipeline.models import family_class, family_of, parameter_template
+from pipeline.models.original_keys import to_original_keys
 from pipeline.parallel import DeepSpeedZeroEngine, read_dcp_model_weights
+from pipeline.storage import RunStorage, is_uri
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -38,7 +45,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # ------------------------------------------------------------------------------------------ writing
 
 
-def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, step: int | None = None) -> Path:
+def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, step: int | None = None,
+                    extra_metadata: dict[str, str] | None = None) -> Path:
     """``state`` -> safetensors at ``path`` via a temporary file and an atomic rename."""
     from safetensors.torch import save_file
 
@@ -46,7 +54,7 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, step: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    metadata = {"format": "pt"}
+    metadata = {"format": "pt", **(extra_metadata or {})}
     if step is not None:
         metadata["srpo_step"] = str(step)
     save_file(tensors, str(tmp), metadata=metadata)
@@ -153,6 +161,119 @@ def _replace_dir(new: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------------------ fp8 and layouts
+# docs/export.md: formats, loaders, ComfyUI status and sizes. Two single-file layouts:
+#   diffusers: the plain diffusers keys. fp8 = BFL's "fp8r", what diffusers' BFLQuantizationConfig
+#              reads through from_single_file: <module>.weight float8_e4m3fn [out, in] and
+#              <module>.weight_scale float32 [out] (one scale per output row); the rest bf16.
+#   comfyui:   the family's original key names (pipeline/models/original_keys.py). fp8 = ComfyUI's
+#              "scaled fp8": <module>.weight float8_e4m3fn, <module>.scale_weight float32 [] (one scale
+#              per tensor, all its loader takes) and the marker tensor "scaled_fp8"; the rest bf16.
+# In both, weight ~= weight_fp8.float() * scale with scale = amax / 448 (e4m3fn's largest finite value).
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FP8_SCALE = "weight_scale"  # diffusers (BFL fp8r): per output row
+COMFY_SCALE = "scale_weight"  # ComfyUI scaled fp8: per tensor
+COMFY_MARKER = "scaled_fp8"  # ComfyUI: an empty tensor whose dtype names the fp8 format
+LAYOUTS = ("diffusers", "comfyui")
+FP8_WEIGHTS_NAME = "diffusion_pytorch_model_fp8_e4m3fn.safetensors"
+_COMFY_NAMES = {"fp32": "diffusion_model_fp32.safetensors", "bf16": "diffusion_model_bf16.safetensors",
+                "fp8": "diffusion_model_fp8_e4m3fn_scaled.safetensors"}  # ComfyUI's models/diffusion_models
+# A tensor of a top-level list of repeated blocks: "<blocks>.<index>.…" (the families' shard_blocks).
+_BLOCK_KEY = re.compile(r"^[A-Za-z_]\w*\.\d+\.")
+
+
+def single_file_name(dtype: str, layout: str = "diffusers") -> str:
+    """The default file name of an export of ``dtype`` in ``layout``."""
+    if layout == "comfyui":
+        return _COMFY_NAMES[dtype]
+    return FP8_WEIGHTS_NAME if dtype == "fp8" else WEIGHTS_NAME
+
+
+def is_block_linear(key: str, shape: tuple[int, ...] | torch.Size) -> bool:
+    """The tensors fp8 quantizes: 2-D weights inside the repeated transformer blocks (attention,
+    MLP and modulation Linears: 99.4% of FLUX.1-dev's parameters in blocks). Norm scales, biases, the
+    embedders before the blocks and the output layers after them stay bf16: they are small, and the
+    embedders and output layer touch every token unmixed, where rounding is least averaged out."""
+    return key.endswith(".weight") and len(shape) == 2 and bool(_BLOCK_KEY.match(key))
+
+
+def quantize_fp8(weight: torch.Tensor, per_row: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight [out, in]`` -> (e4m3fn weight, fp32 scale) with ``weight ~= q.float() * scale``.
+
+    scale = amax / 448 per output row ([out]) or per tensor ([]): the largest magnitude lands on
+    e4m3's largest finite value, so nothing overflows and the row uses the full exponent range.
+    Round to nearest keeps 3 mantissa bits: |error| <= 2^-4 |w| (normal range) or 2^-10 scale (subnormals).
+    """
+    w = weight.detach().to(device="cpu", dtype=torch.float32)
+    amax = w.abs().amax(dim=1) if per_row else w.abs().amax()
+    scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)  # an all-zero row: q = 0, scale > 0
+    q = (w / (scale[:, None] if per_row else scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 weight of an e4m3fn weight and its per-row ([out]) or per-tensor ([]) scale."""
+    return q.float() * (scale.float()[:, None] if scale.ndim == 1 else scale.float())
+
+
+def _quantize_blocks(state: dict[str, torch.Tensor], per_row: bool, scale_suffix: str) -> dict[str, torch.Tensor]:
+    """Block Linear weights -> e4m3fn + ``<module>.<scale_suffix>``; every other float tensor -> bf16."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if v.is_floating_point() and is_block_linear(k, v.shape):
+            out[k], out[k[:-len("weight")] + scale_suffix] = quantize_fp8(v, per_row)
+        else:
+            out[k] = v.detach().to(device="cpu", dtype=torch.bfloat16) if v.is_floating_point() else v.detach().cpu()
+    if not any(v.dtype == FP8 for v in out.values()):
+        raise ValueError("fp8 export: no 2-D weight inside a numbered block list (<blocks>.<i>.…weight); expected "
+                         "a transformer state dict")
+    return out
+
+
+def export_single_file(state: dict[str, torch.Tensor], out_file: str | Path, dtype: str, layout: str = "diffusers",
+                       family: str | None = None, step: int | None = None) -> Path:
+    """One safetensors file of ``dtype`` ("fp32", "bf16" or "fp8") in ``layout`` (see above).
+
+    ``family`` (a ``model.family``) names the original key layout; needed for ``layout="comfyui"``.
+    ``out_file``: the file, or an existing folder to write :func:`single_file_name` into.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: got {layout!r}, expected one of {list(LAYOUTS)}")
+    if dtype != "fp8" and dtype not in DTYPES:
+        raise ValueError(f"dtype: got {dtype!r}, expected one of {[*DTYPES, 'fp8']}")
+    if not state:
+        raise ValueError(f"{out_file}: refusing to export an empty state dict")
+    out = Path(out_file)
+    if out.is_dir():
+        out = out / single_file_name(dtype, layout)
+    if layout == "diffusers" and dtype != "fp8":
+        return export_transformer(state, out, dtype, step=step)
+    if layout == "comfyui":
+        if family is None:
+            raise ValueError("layout 'comfyui': the model family is unknown; expected the base model folder")
+        state = to_original_keys(family, state)
+        if dtype != "fp8":
+            return save_state_dict(cast_state(state, dtype), out, step=step)
+        tensors = {COMFY_MARKER: torch.empty(0, dtype=FP8), **_quantize_blocks(state, False, COMFY_SCALE)}
+        return save_state_dict(tensors, out, step=step)
+    return save_state_dict(_quantize_blocks(state, True, FP8_SCALE), out, step=step,
+                           extra_metadata={"quantization": "fp8r"})  # as diffusers' own fp8r files say
+
+
+def dequantize_state(state: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
+    """A diffusers-layout fp8 export read back: fp32 block weights (scales applied), other tensors as stored."""
+    if COMFY_MARKER in state:
+        raise ValueError(f"{file}: a ComfyUI-layout fp8 export (original key names, {COMFY_MARKER!r} marker); "
+                         "expected one with the diffusers keys (export without --layout comfyui)")
+    for scale_key in [k for k in state if k.endswith("." + FP8_SCALE)]:
+        weight_key = scale_key[:-len(FP8_SCALE)] + "weight"
+        if state.get(weight_key) is not None and state[weight_key].dtype == FP8:
+            state[weight_key] = dequantize_fp8(state[weight_key], state.pop(scale_key))
+    return state
+
+
 # ------------------------------------------------------------------------------------------ reading
 
 
@@ -191,7 +312,7 @@ def resolve_weights(source: str | Path, model_path: str | None = None) -> Weight
 
     Raises FileNotFoundError / ValueError naming the path and what was expected.
     """
-    src = Path(source)
+    src = fetch_run_folder(str(source)) if is_uri(source) else Path(source)
     if not src.exists():
         raise FileNotFoundError(f"{src}: not found; expected a run folder, a checkpoint folder, a diffusers "
                                 "folder or a .safetensors file")
@@ -210,6 +331,23 @@ def resolve_weights(source: str | Path, model_path: str | None = None) -> Weight
         return WeightsSource("diffusers", folder, run_dir, base)
     raise ValueError(f"{src}: not a run folder (run.json/config.yaml), checkpoint folder ({STATE_FILE}), "
                      f"diffusers folder ({WEIGHTS_NAME} or transformer/) or .safetensors file")
+
+
+def fetch_run_folder(location: str) -> Path:
+    """A run folder at a URI (``output.dir`` of a run on s3://, gs://, file://...), staged locally
+    with what reading its weights needs: run.json, config.yaml, the final export, ``best/`` and the
+    newest complete checkpoint (older ones stay in storage)."""
+    info = read_run(location)  # FileNotFoundError naming run.json when it is not a run folder
+    storage = RunStorage(location)
+    for rel in (RUN_FILE, RUN_CONFIG, str(FINAL_EXPORT), "best", LORA_DIR):
+        storage.download(rel)
+    if info.get("ray_run_name"):
+        name = ray_snapshot_checkpoint(storage.uri("ray"), info["ray_run_name"])
+        if name:
+            storage.download(f"ray/{info['ray_run_name']}/{name}")
+    else:
+        LocalCheckpoints.on(storage, keep=1).fetch_latest()
+    return storage.local
 
 
 def _newest_in_run(run_dir: Path, model_path: str | None) -> WeightsSource:
@@ -304,9 +442,10 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(file), device="cpu")
+        state = load_file(str(file), device="cpu")
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{file}: unreadable safetensors ({e}); expected a complete safetensors file") from e
+    return dequantize_state(state, file)  # an fp8 export reads back as weights (unchanged otherwise)
 
 
 def _read_diffusers_transformer(folder: Path) -> dict[str, torch.Tensor]:
@@ -331,6 +470,10 @@ def read_checkpoint_weights(ckpt: str | Path, model_path: str | None = None) -> 
     """The model weights of a complete checkpoint folder, consolidated on this process (no process group)."""
     ckpt = Path(ckpt)
     state = read_state(ckpt)  # raises ValueError naming the problem when incomplete
+    lora = LoraSpec.from_record(state.get("lora"))
+    if lora is not None:  # a LoRA run's checkpoint holds the adapters alone: merged into the base here
+        return merged_lora_weights(read_checkpoint_adapter(ckpt), lora, model_path or _checkpoint_model_path(ckpt, None),
+                                   ckpt)
     # The engines' own readers, kept beside the writers that made these folders (pipeline/parallel.py).
     if (ckpt / "model_optim").is_dir():
         expected = transformer_template(model_path) if model_path is not None else None
@@ -345,3 +488,93 @@ def transformer_template(model_path: str | Path) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes of the transformer of ``<model_path>/transformer`` (its family's
     parameter template, built on the meta device: no memory, no weights read)."""
     return parameter_template(model_path)
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+# A LoRA run (lora.rank > 0) checkpoints its adapters alone (peft's module names, no base weights).
+# Its final export is the merged model (transformer/, read like any export) plus the adapter as a
+# diffusers LoRA folder (lora/, what the family pipeline's load_lora_weights reads).
+
+
+@dataclass(frozen=True)
+class LoraSource:
+    """An adapter found by :func:`resolve_lora`, with where it came from (as :class:`WeightsSource`)."""
+
+    adapter: dict[str, torch.Tensor]  # peft keys: <layer>.lora_A.weight [r, in], <layer>.lora_B.weight [out, r]
+    spec: LoraSpec
+    path: Path
+    run_dir: Path | None
+    model_path: str | None
+    step: int | None
+    kind: str = "lora adapter"
+
+
+def read_checkpoint_adapter(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The adapter of a LoRA checkpoint (DCP or DeepSpeed model entries), in peft keys."""
+    if (ckpt / "model_optim").is_dir():
+        entries = read_dcp_model_weights(ckpt / "model_optim", None)
+    elif (ckpt / "deepspeed").is_dir():
+        entries = DeepSpeedZeroEngine.read_model_weights(ckpt / "deepspeed")
+    else:
+        raise ValueError(f"{ckpt}: neither model_optim/ (DCP) nor deepspeed/; expected one of them")
+    adapter = split_lora_state(entries)[1]
+    if not adapter:
+        raise ValueError(f"{ckpt}: srpo_state.json records LoRA but the model entries hold no lora_A/lora_B tensors")
+    return adapter
+
+
+def read_lora_folder(folder: Path) -> tuple[dict[str, torch.Tensor], LoraSpec]:
+    """A diffusers LoRA folder (``pytorch_lora_weights.safetensors``, keys ``transformer.<layer>.lora_A.weight``)
+    -> (adapter in peft keys, rank and alpha from its peft metadata; without metadata alpha = rank, as
+    diffusers assumes)."""
+    from safetensors import safe_open
+
+    file, prefix = folder / LORA_WEIGHTS, "transformer."
+    with safe_open(str(file), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    adapter = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and ".lora_" in k}
+    if not adapter or len(adapter) != len(tensors):
+        raise ValueError(f"{file}: expected the transformer's LoRA tensors alone ({prefix}<layer>.lora_A.weight / "
+                         f".lora_B.weight), got keys such as {sorted(tensors)[:3]}")
+    rank = int(meta.get(f"{prefix}r") or next(v.shape[0] for k, v in adapter.items() if ".lora_A." in k))
+    return adapter, LoraSpec(rank, float(meta.get(f"{prefix}lora_alpha") or rank), 0.0, ())
+
+
+def resolve_lora(source: str | Path, model_path: str | None = None) -> LoraSource:
+    """The adapter at ``source``: a diffusers LoRA folder, or a LoRA run's checkpoint or run folder (its
+    newest weights: a newer checkpoint's adapter, else the final ``lora/`` folder)."""
+    src = fetch_run_folder(str(source)) if is_uri(source) else Path(source)
+    if (src / LORA_WEIGHTS).is_file():
+        adapter, spec = read_lora_folder(src)
+        run_dir = find_run_dir(src)
+        return LoraSource(adapter, spec, src, run_dir, model_path or _run_model_path(run_dir), None)
+    weights = resolve_weights(src, model_path)
+    if weights.kind == "checkpoint":
+        spec = LoraSpec.from_record(read_state(weights.path).get("lora"))
+        if spec is not None:
+            return LoraSource(read_checkpoint_adapter(weights.path), spec, weights.path, weights.run_dir,
+                              weights.model_path, source_step(weights))
+    elif weights.run_dir is not None and weights.path.resolve() == (weights.run_dir / FINAL_EXPORT).resolve() \
+            and (weights.run_dir / LORA_DIR / LORA_WEIGHTS).is_file():
+        adapter, spec = read_lora_folder(weights.run_dir / LORA_DIR)
+        return LoraSource(adapter, spec, weights.run_dir / LORA_DIR, weights.run_dir, weights.model_path,
+                          source_step(weights))
+    raise ValueError(f"{source}: no LoRA adapter; expected a run or checkpoint of a run trained with lora.rank > 0, "
+                     f"or a diffusers LoRA folder with {LORA_WEIGHTS}")
+
+
+def merged_lora_weights(adapter: dict[str, torch.Tensor], spec: LoraSpec, model_path: str | None,
+                        where: str | Path) -> dict[str, torch.Tensor]:
+    """The base transformer of ``model_path`` with ``adapter`` merged (pipeline.lora.merge_lora): plain keys."""
+    if not model_path:
+        raise ValueError(f"{where}: a LoRA adapter, whose base model is unknown (not recorded in the checkpoint or "
+                         "run config); expected --model-path BASE")
+    return merge_lora({**load_weights(model_path), **adapter}, spec.scaling)
+
+
+def export_lora_folder(source: LoraSource, out_dir: str | Path) -> Path:
+    """``source``'s adapter as a diffusers LoRA folder of the base model's family (``load_lora_weights``)."""
+    if not source.model_path:
+        raise ValueError(f"{source.path}: the base model (and so its family) is unknown; expected --model-path BASE")
+    return save_lora_folder(family_class(family_of(source.model_path)), source.adapter, source.spec, out_dir)

@@ -29,6 +29,7 @@ from pipeline.models import load_adapter
 from pipeline.rollout import sample_x0
 from pipeline.sources import draw_eps
 from pipeline.srpo_step import grid_from_config
+from pipeline.storage import RunStorage
 from rewards.scorers import load_scorers
 from rewards.srp import control_words, srp_score
 
@@ -45,6 +46,7 @@ class GoldReward:
         self.best_step = int(saved.get("best_step", -1))
         self.bad = int(saved.get("evals_without_improvement", 0))
         self.history: list[list[float]] = [list(h) for h in saved.get("history", [])]
+        self.first_images: torch.Tensor | None = None  # [b, 3, H, W] in [0, 1] of the last evaluation
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -97,6 +99,8 @@ class GoldReward:
             x0 = sample_x0(adapter, transformer, self.eps[sl], self.cond.select(sl), cfg.data.resolution,
                            cfg.rollout.steps, cfg.rollout.shift, cfg.rollout.guidance, cfg.train.mixed_precision)
             images = adapter.decode(x0, cfg.data.resolution)
+            if i == 0:  # this rank's first held-out images: the learner logs rank 0's (step-indexed)
+                self.first_images = images.float().cpu()
             for s in self.scorers:
                 sums[s.name] += (s.score(images, self.captions[sl]).double().cpu() * self.valid[sl]).sum()
         transformer.train(was_training)
@@ -128,10 +132,12 @@ class GoldReward:
     def _export_best(self, engine, cfg: Config, means: dict[str, float]) -> None:
         state = engine.full_state_dict()  # collective
         if self.rank == 0:
-            best = Path(cfg.output.dir) / "best"
+            storage = RunStorage(cfg.output.dir)  # a folder, or a URI: written locally, then uploaded
+            best = storage.path("best")
             save_state_dict(state, best / "diffusion_pytorch_model.safetensors", step=self.best_step)
             write_json_atomic(best / "best.json", {"step": self.best_step, "gold_score": self.best,
                                                    "scores": means, "scorer": self.scorers[0].name})
+            storage.upload("best", last="best.json")
 
 
 @torch.no_grad()

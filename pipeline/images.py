@@ -12,27 +12,37 @@ and the counts and the list are logged to MLflow by the driver:
     missing_caption   no .txt next to the image (folder source)
     empty_caption     the caption is empty or blank
     bad_manifest_row  a manifest row without a usable path / caption, or not valid JSON
-    unreadable        not an image PIL can identify, or missing
+    unreadable        not a JPEG / PNG / WebP / BMP / TIFF image PIL can identify, or missing
     truncated         the file ends before the image data does
     too_small         shorter side below data.min_image_size (default: data.resolution)
+    too_large         more pixels than data.max_image_pixels (PIL's decompression-bomb guard,
+                      checked on the header: such a file is never decoded)
+    unsupported_format  a file in a folder source whose suffix is not an image suffix above
+                      (e.g. .heic, .gif); hidden files and the .txt captions are not counted
+    unsupported_mode  a pixel mode without a faithful RGB conversion (LAB)
+    decode_error      any other exception of the decoder on this one file (named in the detail)
 
-Images are decoded with PIL, converted to RGB, resized so the shorter side equals the training
+Images are decoded with PIL, turned upright (EXIF orientation), converted to RGB faithfully for
+every mode (:func:`to_rgb`; docs/data.md), resized so the shorter side equals the training
 resolution (bicubic, antialiased) and center-cropped to a square: the model's VAE then encodes them.
 """
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, DataConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-SKIP_REASONS = ("missing_caption", "empty_caption", "bad_manifest_row", "unreadable", "truncated", "too_small")
+SKIP_REASONS = ("missing_caption", "empty_caption", "bad_manifest_row", "unreadable", "truncated", "too_small",
+                "too_large", "unsupported_format", "unsupported_mode", "decode_error")
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,12 @@ def list_images(source: str | Path) -> tuple[list[ImageRecord], list[Skipped]]:
 
 def _list_folder(root: Path) -> tuple[list[ImageRecord], list[Skipped]]:
     records, skipped = [], []
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    for f in files:
+        if f.suffix.lower() not in IMAGE_SUFFIXES + (".txt",):
+            skipped.append(Skipped(str(f), "unsupported_format",
+                                   f"suffix {f.suffix or '(none)'!r} is not one of {' '.join(IMAGE_SUFFIXES)}"))
+    for f in (p for p in files if p.suffix.lower() in IMAGE_SUFFIXES):
         txt = f.with_suffix(".txt")
         if not txt.is_file():
             skipped.append(Skipped(str(f), "missing_caption", f"no {txt.name} next to it"))
@@ -133,29 +148,129 @@ def _list_jsonl(manifest: Path) -> tuple[list[ImageRecord], list[Skipped]]:
 
 # ------------------------------------------------------------------------------------------ decoding
 
+# PIL's plugins for the formats of IMAGE_SUFFIXES only (JPEG includes camera MPO files): a file in any
+# other format is "unreadable" and never reaches a plugin that shells out (EPS) or is rarely exercised.
+DECODE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+DEFAULT_MAX_IMAGE_PIXELS = DataConfig.max_image_pixels  # PIL's own default Image.MAX_IMAGE_PIXELS
+_AS_IS = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr")  # PIL's convert("RGB") is exact for these
+_ALPHA = ("LA", "PA", "RGBA")
+_HIGH_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
-def load_image(path: str | Path, resolution: int, min_size: int = 0) -> np.ndarray:
+
+def to_rgb(im) -> "Image.Image":
+    """Any mode PIL opens from the formats above -> 8-bit RGB, faithfully (docs/data.md):
+
+    - 1, L, P, RGBX, CMYK (C, M, Y, K ink -> 255 (1-C)(1-K) ...), YCbCr (JFIF matrix): PIL's convert;
+    - alpha (LA, PA, RGBA, or a transparency key in P, L, RGB) composited on white: transparent
+      regions become the white background they show on a page, not the colour hidden under alpha 0;
+    - I;16*, I, F: scaled by their real range, never clipped (:func:`high_bit_to_uint8`).
+    Raises :class:`ImageSkip` ("unsupported_mode") for the rest (LAB, which PIL cannot convert).
+    """
+    from PIL import Image
+
+    mode = im.mode
+    if mode in _HIGH_BIT:
+        return Image.fromarray(high_bit_to_uint8(im)).convert("RGB")  # 2-D uint8: mode L
+    if mode in _ALPHA or (mode in ("P", "L", "RGB") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if mode in _AS_IS:
+        return im if mode == "RGB" else im.convert("RGB")
+    raise ImageSkip("unsupported_mode", f"mode {mode} has no faithful RGB conversion here")
+
+
+def high_bit_to_uint8(im) -> np.ndarray:
+    """One-channel high-bit-depth samples -> uint8, linear, from black ``lo`` to white ``hi``:
+
+    - I;16 (16-bit PNG / TIFF): lo 0, hi 65535, the type's full range, as 8-bit images use 0..255:
+      a dark photo stays dark (PIL's own convert clips at 255, which made such images white).
+      A TIFF that declares fewer bits (12-bit scanners) uses 2**bits - 1.
+    - I (32-bit integer): no standard white level: lo min(0, image min), hi the image's maximum.
+    - F (32-bit float): values in [0, 1] as they are (the float convention); a wider range is scaled
+      down to fit, lo min(0, min), hi max(1, max).
+    In every case hi is at least the image's maximum and lo at most its minimum: nothing is clipped.
+    """
+    a = np.asarray(im).astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ImageSkip("decode_error", f"mode {im.mode} with non-finite sample values")
+    lo, top = min(0.0, float(a.min())), float(a.max())
+    if im.mode.startswith("I;16"):
+        hi = max(float(2 ** _declared_bits(im) - 1), top)
+    elif im.mode == "F":
+        hi = max(1.0, top)
+    else:
+        hi = top
+    if hi <= lo:  # a constant image of zeros (or of negatives): black
+        return np.zeros(a.shape, dtype=np.uint8)
+    return np.rint((a - lo) / (hi - lo) * 255.0).astype(np.uint8)
+
+
+def _declared_bits(im) -> int:
+    bits = getattr(im, "tag_v2", {}).get(258)  # TIFF BitsPerSample
+    bits = bits[0] if isinstance(bits, tuple) and bits else bits
+    return int(bits) if isinstance(bits, int) and 1 <= bits < 16 else 16
+
+
+@contextmanager
+def _pixel_limit(max_pixels: int):
+    """PIL's decompression-bomb guard at ``max_pixels``: Image.open raises from the header, before
+    any pixel is decoded (PIL only warns between 1x and 2x its limit, so the warning is an error here).
+    Process-wide PIL state, restored after; image decoding runs one file at a time per process."""
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def decode_rgb(path: str | Path, min_size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    """The upright 8-bit RGB image of a file. Raises :class:`ImageSkip` for every failure: any
+    exception of PIL's decoders becomes a reason (SKIP_REASONS), never a crash of the scan."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with _pixel_limit(max_pixels), Image.open(path, formats=DECODE_FORMATS) as im:
+            w, h = im.size  # from the header: nothing is decoded yet
+            if min(w, h) < min_size:
+                raise ImageSkip("too_small", f"{w}x{h}, shorter side below {min_size}")
+            im.load()  # full decode: a truncated file fails here, not later in a worker
+            # Camera orientation before any resize or crop: EXIF 6 is a portrait shot stored sideways.
+            # In place: the file's tags (a TIFF's declared bit depth) stay with the image for to_rgb.
+            ImageOps.exif_transpose(im, in_place=True)
+            return to_rgb(im)
+    except ImageSkip as e:
+        raise ImageSkip(e.reason, f"{path}: {e.detail}") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageSkip("too_large", f"{path}: {e} (data.max_image_pixels={max_pixels})") from e
+    except FileNotFoundError as e:
+        raise ImageSkip("unreadable", f"{path}: file not found") from e
+    except UnidentifiedImageError as e:
+        raise ImageSkip("unreadable", f"{path}: not a JPEG, PNG, WebP, BMP or TIFF image") from e
+    except EOFError as e:  # a decoder ran out of data
+        raise ImageSkip("truncated", f"{path}: {e or 'unexpected end of file'}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        msg = str(e).lower()
+        reason = "truncated" if "truncat" in msg or "broken data stream" in msg else "unreadable"
+        raise ImageSkip(reason, f"{path}: {e}") from e
+    except Exception as e:  # noqa: BLE001  any other decoder bug on one file (struct.error, MemoryError...)
+        raise ImageSkip("decode_error", f"{path}: {type(e).__name__}: {e}") from e
+
+
+def load_image(path: str | Path, resolution: int, min_size: int = 0,
+               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode, check, resize (shorter side = resolution) and center-crop: float32 [3, R, R] in [0, 1].
 
     Raises :class:`ImageSkip` for the reasons of SKIP_REASONS instead of any decoder error.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    min_size = min_size or resolution
-    try:
-        with Image.open(path) as im:
-            im.load()  # full decode: a truncated file fails here, not later in a worker
-            rgb = im.convert("RGB")
-    except FileNotFoundError as e:
-        raise ImageSkip("unreadable", f"{path}: file not found") from e
-    except UnidentifiedImageError as e:
-        raise ImageSkip("unreadable", f"{path}: not an image PIL can identify") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        reason = "truncated" if "truncat" in str(e).lower() or "broken data stream" in str(e).lower() else "unreadable"
-        raise ImageSkip(reason, f"{path}: {e}") from e
+    rgb = decode_rgb(path, min_size or resolution, max_pixels)
     w, h = rgb.size
-    if min(w, h) < min_size:
-        raise ImageSkip("too_small", f"{path}: {w}x{h}, shorter side below {min_size}")
     # torchvision's Resize(int) / CenterCrop arithmetic: long side int(R * long / short), offsets rounded.
     if w <= h:
         nw, nh = resolution, int(resolution * h / w)
@@ -164,16 +279,18 @@ def load_image(path: str | Path, resolution: int, min_size: int = 0) -> np.ndarr
     rgb = rgb.resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = int(round((nw - resolution) / 2.0)), int(round((nh - resolution) / 2.0))
     rgb = rgb.crop((left, top, left + resolution, top + resolution))
-    return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    # C-contiguous [3, R, R]: a transposed (channels-last) batch made the VAE's convolutions give
+    # identical images' latents ~1e-3 apart depending on their place in the batch (measured on CPU).
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1)) / np.float32(255.0)
 
 
-def check_images(records: list[ImageRecord], resolution: int, min_size: int = 0
-                 ) -> tuple[list[ImageRecord], list[Skipped]]:
+def check_images(records: list[ImageRecord], resolution: int, min_size: int = 0,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[list[ImageRecord], list[Skipped]]:
     """Decode every record once; the usable ones in order, and the rest with their reasons."""
     usable, skipped = [], []
     for r in records:
         try:
-            load_image(r.path, resolution, min_size)
+            load_image(r.path, resolution, min_size, max_pixels)
         except ImageSkip as e:
             skipped.append(Skipped(r.path, e.reason, e.detail))
         else:
@@ -204,20 +321,22 @@ class ImageScan:
 
 
 def scan_images(source: str | Path, resolution: int, min_size: int = 0,
-                check: Callable[[list[ImageRecord], int, int], tuple[list[ImageRecord], list[Skipped]]] = check_images,
-                ) -> ImageScan:
+                check: Callable[..., tuple[list[ImageRecord], list[Skipped]]] = check_images,
+                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageScan:
     """List and decode-check every image, before training starts.
 
-    ``check`` decodes the listed records (default: :func:`check_images`, in this process;
+    ``check(records, resolution, min_size, max_pixels)`` decodes the listed records (default:
+    :func:`check_images`, in this process;
     ``pipeline.ray.images.scan_images`` passes a Ray Data map). Raises ConfigError (a ValueError)
     naming ``data.images`` when no image is usable: that is a configuration error, found before any
     learner or actor starts.
     """
     records, skipped = list_images(source)
-    usable, more = check(records, resolution, min_size) if records else ([], [])
+    usable, more = check(records, resolution, min_size, max_pixels) if records else ([], [])
     scan = ImageScan(usable, skipped + more)
     if not usable:
         raise ConfigError(f"data.images: no usable image in {source} ({len(scan.skipped)} skipped: "
                           f"{ {k: v for k, v in scan.counts.items() if v} }); expected images of at least "
-                          f"{min_size or resolution} px on the shorter side with non-empty captions")
+                          f"{min_size or resolution} px on the shorter side and at most {max_pixels} pixels "
+                          "(data.max_image_pixels) with non-empty captions")
     return scan

@@ -32,6 +32,7 @@ from pipeline.checkpoint import TrainingState, load_training_checkpoint, save_tr
 from pipeline.config import Config
 from pipeline.export import save_state_dict
 from pipeline.gold import GoldReward
+from pipeline.lora import LORA_DIR, LoraSpec, add_lora, adapter_state_dict, record_of, save_lora_folder
 from pipeline.models import load_adapter
 from pipeline.objective import RewardObjective, colocated_reward
 from pipeline.parallel import build_engine
@@ -39,6 +40,7 @@ from pipeline.rollout import sample_x0
 from pipeline.schedules import lr_at
 from pipeline.sources import Batch, BatchSource, draw_eps
 from pipeline.srpo_step import SRPOStep, StepBatch
+from pipeline.storage import RunStorage
 from pipeline.tracking import NullTracker
 
 EXPORT_NAME = "transformer/diffusion_pytorch_model.safetensors"
@@ -87,6 +89,7 @@ class Learner:
         self.tracker = tracker if tracker is not None else NullTracker()
         self.weight_sync, self.before_step = weight_sync, before_step
         self.srpo = SRPOStep.from_config(cfg, adapter, engine, objective)
+        self.lora = LoraSpec.from_config(cfg)  # None: full fine-tuning
         self.gold: GoldReward | None = None
         self.skipped_rows = 0
         self.provenance: dict[int, set[int]] = {}  # step -> pids of the rollout actors that made its samples
@@ -96,7 +99,7 @@ class Learner:
         state = self.restore()
         self.gold = GoldReward.create(self.cfg, self.adapter, self.device, self.rank, self.world, state.gold)
         if self.weight_sync is not None:
-            self.weight_sync.open(self.engine.full_state_dict(), state.step)
+            self.weight_sync.open(self.policy_state(), state.step)
         start, t_ready = time.perf_counter(), time.perf_counter()
         first = state.step
         stopped = False
@@ -144,7 +147,8 @@ class Learner:
         with self.checkpoints.latest() as folder:
             if folder is None:
                 return TrainingState()
-            data = load_training_checkpoint(folder, self.engine, self.engine.name, self.rank, self.world, None)
+            data = load_training_checkpoint(folder, self.engine, self.engine.name, self.rank, self.world, None,
+                                            lora=record_of(self.cfg))
         state = TrainingState.from_json(data)
         state.check_phase(self.cfg)
         if self.rank == 0:
@@ -166,6 +170,8 @@ class Learner:
             versions = batch.get("policy_version")
             lag = [step - int(v) for v in versions] if versions is not None else [0] * len(captions)
             timings = {"time/rollout_s": float(np.mean(batch["rollout_s"]))}
+            if "image_skipped" in batch:  # files that broke after the scan, replaced in the encode stage
+                timings["data/skipped_at_encode"] = float(np.sum(batch["image_skipped"]))
             if "weight_sync_s" in batch:
                 timings["time/weight_sync_s"] = float(np.mean(batch["weight_sync_s"]))
         else:
@@ -211,8 +217,7 @@ class Learner:
         """Rollout actors only: the new weights as version step + 1 (a collective on sharded engines)."""
         if self.weight_sync is None:
             return {}
-        state = self.engine.full_state_dict()
-        sync = self.weight_sync.publish(step + 1, state)
+        sync = self.weight_sync.publish(step + 1, self.policy_state())
         out = {}
         if sync:  # rank 0 alone publishes
             out["time/weight_publish_s"] = sync["weight_sync/publish_s"]
@@ -220,6 +225,13 @@ class Learner:
             if "weight_sync/broadcast_s" in sync:  # the previous version's broadcast (sender thread)
                 out["time/weight_broadcast_s"] = sync["weight_sync/broadcast_s"]
         return out
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        """Collective: what rollout actors receive (rank 0's copy; {} elsewhere). Full fine-tuning: the
+        whole model; LoRA: the adapters alone, in peft's keys (the actors hold the same base)."""
+        if self.lora is None:
+            return self.engine.full_state_dict()
+        return adapter_state_dict(self.engine.module, self.engine.trainable_state_dict())
 
     def reduce(self, flat: dict[str, float], lag: list[int]) -> dict[str, float]:
         """Batch-level numbers: the mean over ranks (one all_reduce), the max for the policy lag;
@@ -235,7 +247,10 @@ class Learner:
     def evaluate(self, step: int) -> dict[str, float]:
         if self.gold is None or not self.gold.due(step):
             return {}
-        return self.gold.evaluate(self.adapter, self.engine, step, self.cfg)
+        metrics = self.gold.evaluate(self.adapter, self.engine, step, self.cfg)
+        if self.rank == 0 and self.cfg.log.image_every:
+            self.log_heldout_images(step)
+        return metrics
 
     def stop(self) -> bool:
         """Early stop: the gold reward did not improve for eval.patience evaluations."""
@@ -277,10 +292,16 @@ class Learner:
             self.tracker.set_tag("srpo.early_stopped_at_step", str(state.step))
         if state.step < cfg.train.max_steps and not stopped:
             raise RuntimeError(f"the data stream ended at step {state.step} of {cfg.train.max_steps}")
-        weights = self.engine.full_state_dict()  # collective
+        weights = self.engine.full_state_dict()  # collective; LoRA: merged into the base
+        adapter = self.policy_state() if self.lora is not None else None  # collective
         provenance = self._gathered_provenance()  # collective
         if self.rank == 0:
-            save_state_dict(weights, Path(cfg.output.dir) / EXPORT_NAME, step=state.step)
+            storage = RunStorage(cfg.output.dir)  # a folder, or a URI: written locally, then uploaded
+            save_state_dict(weights, storage.path(EXPORT_NAME), step=state.step)
+            storage.upload(EXPORT_NAME)
+            if adapter is not None:
+                save_lora_folder(self.adapter, adapter, self.lora, storage.path(LORA_DIR))
+                storage.upload(LORA_DIR)
             if provenance:
                 self.tracker.log_dict(provenance, "rollouts/provenance.json")
         return state
@@ -313,12 +334,23 @@ class Learner:
 
     @torch.no_grad()
     def log_image_grid(self, batch: StepBatch, step: int) -> None:
-        """Rollout images of this rank's batch as one PNG grid, with the prompts as a text artifact."""
+        """Rollout images of this rank's batch as one grid under the key ``rollouts`` at ``step``
+        (MLflow's step slider), prompts printed under it and kept as ``rollouts/step_<step>.txt``."""
         images = self.adapter.decode(batch.x0, self.cfg.data.resolution)
         grid = make_grid(images.float().cpu(), nrow=min(4, len(batch.captions)), padding=2)
-        array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        self.tracker.log_image(array, f"rollouts/step_{step:05d}.png")
+        self.tracker.log_step_image(_to_uint8(grid), "rollouts", step, batch.captions)
         self.tracker.log_text("\n".join(batch.captions), f"rollouts/step_{step:05d}.txt")
+
+    def log_heldout_images(self, step: int) -> None:
+        """The gold evaluation's first held-out images (fixed prompts and seeds: the same picture at
+        every evaluation and in every run) under ``heldout/<prompt index>``: what ``srpo compare`` lines up."""
+        for i, image in enumerate(self.gold.first_images):
+            self.tracker.log_step_image(_to_uint8(image), f"heldout/{i:04d}", step, [self.gold.captions[i]])
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[3, H, W] in [0, 1] -> HWC uint8."""
+    return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
 
 
 def _distributed() -> bool:
@@ -343,9 +375,13 @@ def build_learner(cfg: Config, source: BatchSource, checkpoints: CheckpointSink,
     torch.manual_seed(cfg.seed)
     adapter = load_adapter(cfg.model.family, cfg.model.path, device, cfg.model.max_sequence_length,
                            load_text_encoders=False)
+    lora = LoraSpec.from_config(cfg)
+    if lora is not None:  # peft adapters on the base, which freezes; the engine trains what is left trainable
+        add_lora(adapter.transformer, lora, adapter, seed=cfg.seed)
     engine = build_engine(strategy, adapter.transformer, cfg.optim, device, cfg.train.mixed_precision,
                           cfg.model.activation_checkpointing, cfg.learner.zero_stage,
-                          shard_blocks=adapter.shard_blocks(adapter.transformer))
+                          shard_blocks=adapter.shard_blocks(adapter.transformer),
+                          keep_gathered=cfg.learner.fsdp_keep_gathered)
     if objective is None:
         objective = colocated_reward(cfg, adapter, device)
     return Learner(cfg, adapter, engine, objective, source, checkpoints, rank=rank, world=world, device=device,

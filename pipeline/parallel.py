@@ -33,10 +33,11 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from pipeline.config import OptimConfig
+from pipeline.lora import cast_frozen, is_lora, merge_lora, peft_scaling
 from pipeline.srpo_step import build_optimizer, optimizer_step
 
 STRATEGIES = ("single", "fsdp2", "deepspeed")
@@ -53,23 +54,33 @@ class LearnerEngine(Protocol):
     - ``full_state_dict()``: a collective on the sharded engines (every rank calls it, in step). The
       consolidated fp32 CPU state with the plain diffusers keys is returned on rank 0 (on every rank
       with ``rank0_only=False``); the other ranks get ``{}``, which bounds host memory at one copy.
-    - ``load_full_state_dict(state)``: every rank passes the same full state; weights only (AdamW's
-      state is untouched).
+      A LoRA model's state comes merged (``W + (B @ A) * scaling``), with the plain keys.
+    - ``trainable_state_dict()``: as ``full_state_dict`` for the trainable parameters alone, with the
+      module's own keys (a LoRA run: the adapters, what the weight sync moves).
+    - ``load_full_state_dict(state)``: every rank passes the same full state (the module's own keys);
+      weights only (AdamW's state is untouched).
     - ``gathered_for_inference()``: a context for no-grad forwards (the colocated rollout) in which
       a sharded model gathers its parameters once instead of once per forward.
+    - ``step_scope(backwards)``: the context of one SRPO step's forwards and its ``backwards``
+      backward calls; FSDP2 with ``keep_gathered`` gathers once and reduce-scatters once in it.
     """
 
     name: str  # the strategy, as recorded in checkpoints
     transformer: nn.Module  # what adapter.velocity(...) calls for the forward
+    module: nn.Module  # the plain diffusers module under any wrapper (peft's state-dict helpers read it)
     optimizer: torch.optim.Optimizer | None
 
     def gathered_for_inference(self) -> AbstractContextManager: ...
+
+    def step_scope(self, backwards: int) -> AbstractContextManager: ...
 
     def backward(self, loss: Tensor) -> None: ...
 
     def step(self, max_grad_norm: float) -> float: ...
 
     def full_state_dict(self, rank0_only: bool = True) -> dict[str, Tensor]: ...
+
+    def trainable_state_dict(self, rank0_only: bool = True) -> dict[str, Tensor]: ...
 
     def load_full_state_dict(self, state: dict[str, Tensor]) -> None: ...
 
@@ -80,7 +91,7 @@ class LearnerEngine(Protocol):
 
 def build_engine(strategy: str, transformer: nn.Module, optim_cfg: OptimConfig, device: torch.device,
                  mixed_precision: str, activation_checkpointing: bool, zero_stage: int,
-                 shard_blocks: list[nn.Module] | None = None) -> LearnerEngine:
+                 shard_blocks: list[nn.Module] | None = None, keep_gathered: bool = False) -> LearnerEngine:
     """Wrap ``transformer`` (a plain diffusers model, fp32 weights) for training on ``device``.
 
     ``mixed_precision`` "bf16" means bf16 compute over fp32 master weights: for ``single`` the
@@ -89,10 +100,10 @@ def build_engine(strategy: str, transformer: nn.Module, optim_cfg: OptimConfig, 
     """
     device = torch.device(device)
     if strategy == "single":
-        return SingleEngine(transformer, optim_cfg, device, activation_checkpointing)
+        return SingleEngine(transformer, optim_cfg, device, activation_checkpointing, mixed_precision)
     if strategy == "fsdp2":
         return FSDP2Engine(transformer, optim_cfg, device, mixed_precision, activation_checkpointing,
-                           shard_blocks or [])
+                           shard_blocks or [], keep_gathered)
     if strategy == "deepspeed":
         return DeepSpeedZeroEngine(transformer, optim_cfg, device, mixed_precision, activation_checkpointing,
                                    zero_stage)
@@ -131,6 +142,24 @@ def _set_current_device(device: torch.device) -> None:
         torch.accelerator.set_device_index(device.index)
 
 
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    """What AdamW updates: every parameter for full fine-tuning, the adapters of a LoRA model."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _store_frozen(module: nn.Module, device: torch.device, mixed_precision: str) -> None:
+    """A LoRA run's frozen base in bf16 on accelerators (no fp32 master copy is needed for weights
+    that never update); fp32 on the CPU. Full fine-tuning has no frozen parameter: nothing changes."""
+    if _bf16_compute(device, mixed_precision):
+        cast_frozen(module, torch.bfloat16)
+
+
+def _merged(module: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The consolidated state of ``module`` as exports read it: a LoRA model's adapters merged into
+    plain diffusers keys (pipeline/lora.py); anything else unchanged."""
+    return merge_lora(state, peft_scaling(module)) if state and is_lora(module) else state
+
+
 def _to_cpu_fp32(t: Tensor) -> Tensor:
     dtype = torch.float32 if t.is_floating_point() else t.dtype
     # copy=True: never hand out a view of live training storage (the next step would change it).
@@ -146,18 +175,30 @@ def _check_keys(state: dict[str, Tensor], expected: list[str]) -> None:
                        "diffusers transformer state dict")
 
 
+# Frozen parameters (a LoRA run's base) are not checkpointed: they are the base model's, reloaded at
+# start; the model entries are then the adapters alone. Full fine-tuning has none: the same entries.
+_DCP_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+
+
 def _save_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_DCP_OPTIONS)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
 
 
 def _load_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
     """Inverse of :func:`_save_dcp`: every rank reads its own shards (DCP reshards if the layout
     differs) and loads them in place, model and AdamW state both."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_DCP_OPTIONS)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # strict=False: load_state_dict would miss the frozen parameters, which are not in the checkpoint;
+    # anything else missing is still an error.
+    keys = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                          options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    missing = sorted(set(keys.missing_keys) - frozen)
+    if missing or keys.unexpected_keys:
+        raise KeyError(f"{path}: model entries missing {missing[:5]}, unexpected {sorted(keys.unexpected_keys)[:5]}")
 
 
 def read_dcp_model_weights(dcp_dir: Path, expected: dict[str, tuple[int, ...]] | None) -> dict[str, torch.Tensor]:
@@ -225,13 +266,17 @@ class SingleEngine(_DCPCheckpoints):
     def gathered_for_inference(self) -> AbstractContextManager:
         return nullcontext()
 
+    def step_scope(self, backwards: int) -> AbstractContextManager:
+        return nullcontext()
+
     def __init__(self, transformer: nn.Module, optim_cfg: OptimConfig, device: torch.device,
-                 activation_checkpointing: bool) -> None:
-        self.transformer = transformer.to(device).train()
+                 activation_checkpointing: bool, mixed_precision: str = "fp32") -> None:
+        self.transformer = self.module = transformer.to(device).train()
+        _store_frozen(self.transformer, device, mixed_precision)
         if activation_checkpointing:
             _enable_activation_checkpointing(self.transformer)
         o = optim_cfg
-        self.optimizer = build_optimizer(self.transformer.parameters(), o.lr, o.betas, o.eps, o.weight_decay)
+        self.optimizer = build_optimizer(_trainable(self.transformer), o.lr, o.betas, o.eps, o.weight_decay)
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()
@@ -241,7 +286,10 @@ class SingleEngine(_DCPCheckpoints):
 
     def full_state_dict(self, rank0_only: bool = True) -> dict[str, Tensor]:
         """The whole state on the calling process (there is only one)."""
-        return {k: _to_cpu_fp32(v) for k, v in self.transformer.state_dict().items()}
+        return _merged(self.module, {k: _to_cpu_fp32(v) for k, v in self.transformer.state_dict().items()})
+
+    def trainable_state_dict(self, rank0_only: bool = True) -> dict[str, Tensor]:
+        return {k: _to_cpu_fp32(p) for k, p in self.transformer.named_parameters() if p.requires_grad}
 
     def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
         _check_keys(state, list(self.transformer.state_dict()))
@@ -270,11 +318,13 @@ class FSDP2Engine(_DCPCheckpoints):
     name = "fsdp2"
 
     def __init__(self, transformer: nn.Module, optim_cfg: OptimConfig, device: torch.device,
-                 mixed_precision: str, activation_checkpointing: bool, blocks: list[nn.Module]) -> None:
+                 mixed_precision: str, activation_checkpointing: bool, blocks: list[nn.Module],
+                 keep_gathered: bool = False) -> None:
 
         _require_process_group("fsdp2")
         _set_current_device(device)
         transformer = transformer.to(device).train()
+        _store_frozen(transformer, device, mixed_precision)  # before sharding: the shards keep the dtype
         if activation_checkpointing:
             _enable_activation_checkpointing(transformer)  # before sharding; it only sets flags
         # Explicit mesh device type: the default would pick the machine's accelerator even for a
@@ -294,14 +344,46 @@ class FSDP2Engine(_DCPCheckpoints):
             fully_shard(block, mesh=mesh, mp_policy=mp)
         # Root last: it owns what no block does (embedders, norm_out, proj_out).
         fully_shard(transformer, mesh=mesh, mp_policy=mp)
-        self.transformer = transformer
+        self.transformer = self.module = transformer
         self._fsdp_modules = [m for m in transformer.modules() if isinstance(m, FSDPModule)]
+        self.keep_gathered, self._backwards_left = keep_gathered, 0
         o = optim_cfg
         # After sharding, so AdamW's state is allocated per shard (DTensor) and never whole.
-        self.optimizer = build_optimizer(transformer.parameters(), o.lr, o.betas, o.eps, o.weight_decay)
+        self.optimizer = build_optimizer(_trainable(transformer), o.lr, o.betas, o.eps, o.weight_decay)
 
     def backward(self, loss: Tensor) -> None:
+        if self._backwards_left == 1:  # the step's last backward reduce-scatters the summed gradients
+            for module in self._fsdp_modules:
+                module.set_requires_gradient_sync(True, recurse=False)
+        self._backwards_left = max(self._backwards_left - 1, 0)
         loss.backward()  # FSDP2's hooks reduce-scatter (average) each block's gradients
+
+    @contextmanager
+    def step_scope(self, backwards: int) -> Iterator[None]:
+        """``learner.fsdp_keep_gathered``: every block stays gathered from the step's first forward to
+        its last backward (one all-gather per step instead of one per forward and per backward), and
+        the branches' gradients accumulate unsharded and are reduce-scattered once, in the last
+        backward (FSDP2's no-sync accumulation). The price is a whole model and a whole gradient per
+        rank during the step, as DDP: for small models or interconnects where collectives dominate.
+        Everything is resharded before ``step`` clips the sharded gradients."""
+        if not self.keep_gathered or backwards < 2:
+            yield
+            return
+        for module in self._fsdp_modules:
+            module.set_reshard_after_forward(False, recurse=False)
+            module.set_reshard_after_backward(False, recurse=False)
+            module.set_requires_gradient_sync(False, recurse=False)
+        self._backwards_left = backwards
+        try:
+            yield
+        finally:
+            self._backwards_left = 0
+            for module in self._fsdp_modules:
+                module.reshard()
+                module.set_requires_gradient_sync(True, recurse=False)
+                module.set_reshard_after_backward(True, recurse=False)
+                if module is not self.transformer:  # the root keeps FSDP2's default (no reshard after forward)
+                    module.set_reshard_after_forward(True, recurse=False)
 
     @contextmanager
     def gathered_for_inference(self) -> Iterator[None]:
@@ -330,11 +412,20 @@ class FSDP2Engine(_DCPCheckpoints):
         """Collective. Rank 0 (every rank with ``rank0_only=False``) gets the full CPU fp32 state;
         the others an empty dict. Gathered one tensor at a time, so accelerator memory holds at
         most one full parameter beyond the shards."""
+        return _merged(self.module, self._gathered(self.transformer.state_dict().items(), rank0_only))
+
+    def trainable_state_dict(self, rank0_only: bool = True) -> dict[str, Tensor]:
+        """Collective, as :meth:`full_state_dict`: the trainable parameters alone."""
+        params = [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
+        return self._gathered(params, rank0_only)
+
+    @staticmethod
+    def _gathered(items, rank0_only: bool) -> dict[str, Tensor]:
         from torch.distributed.tensor import DTensor
 
         keep = not rank0_only or _is_rank0()
         out: dict[str, Tensor] = {}
-        for name, value in self.transformer.state_dict().items():
+        for name, value in items:
             full = value.full_tensor() if isinstance(value, DTensor) else value
             if keep:
                 out[name] = _to_cpu_fp32(full)
@@ -430,6 +521,9 @@ class DeepSpeedZeroEngine:
         gathers with compute; gathering the whole model at once would cost its full size)."""
         return nullcontext()
 
+    def step_scope(self, backwards: int) -> AbstractContextManager:
+        return nullcontext()  # DeepSpeed's engine accumulates and reduces on its own schedule
+
     def __init__(self, transformer: nn.Module, optim_cfg: OptimConfig, device: torch.device,
                  mixed_precision: str, activation_checkpointing: bool, zero_stage: int = 2) -> None:
         if zero_stage not in ZERO_STAGES:
@@ -442,12 +536,15 @@ class DeepSpeedZeroEngine:
         if activation_checkpointing:
             _enable_activation_checkpointing(transformer)
         o = optim_cfg
-        base = build_optimizer(transformer.parameters(), o.lr, o.betas, o.eps, o.weight_decay)
+        # DeepSpeed's bf16 mode keeps the whole module in bf16 and fp32 masters for these alone.
+        base = build_optimizer(_trainable(transformer), o.lr, o.betas, o.eps, o.weight_decay)
         config = deepspeed_config(zero_stage, o.max_grad_norm, _bf16_compute(device, mixed_precision))
         engine, optimizer, _, _ = self._ds.initialize(model=transformer, optimizer=base, config=config,
                                                       dist_init_required=False)
         self.transformer = engine
+        self.module = engine.module
         self.optimizer = optimizer
+        self._frozen = any(not p.requires_grad for p in self.module.parameters())
 
     @staticmethod
     def read_model_weights(ds_dir: Path) -> dict[str, torch.Tensor]:
@@ -468,14 +565,16 @@ class DeepSpeedZeroEngine:
         return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
     def save_sharded(self, path: str) -> None:
-        """Collective: DeepSpeed's own ZeRO checkpoint (partitioned optimizer state) under ``path``."""
-        self.transformer.save_checkpoint(path, tag="zero")
+        """Collective: DeepSpeed's own ZeRO checkpoint (partitioned optimizer state) under ``path``;
+        without frozen parameters (a LoRA run's base, reloaded from the base model at start)."""
+        self.transformer.save_checkpoint(path, tag="zero", exclude_frozen_parameters=self._frozen)
 
     def load_sharded(self, path: str) -> None:
         """Collective. DeepSpeed reads its own files with torch.load(weights_only=False); they are
         written by this run's learners, never user data."""
         load_path, _ = self.transformer.load_checkpoint(path, tag="zero", load_optimizer_states=True,
-                                                        load_lr_scheduler_states=False)
+                                                        load_lr_scheduler_states=False,
+                                                        load_module_strict=not self._frozen)
         if load_path is None:
             raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag 'zero') to resume from")
 
@@ -513,11 +612,18 @@ class DeepSpeedZeroEngine:
     def full_state_dict(self, rank0_only: bool = True) -> dict[str, Tensor]:
         """Collective. The fp32 master weights (not the bf16 compute copy), gathered one parameter at a
         time; rank 0 (every rank with ``rank0_only=False``) keeps them on the CPU, others get {}."""
+        return _merged(self.module, self._gathered(self._params_and_buffers(), rank0_only))
+
+    def trainable_state_dict(self, rank0_only: bool = True) -> dict[str, Tensor]:
+        """Collective, as :meth:`full_state_dict`: the trainable parameters alone."""
+        return self._gathered([(n, p) for n, p in self.module.named_parameters() if p.requires_grad], rank0_only)
+
+    def _gathered(self, items, rank0_only: bool) -> dict[str, Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param
 
         keep = not rank0_only or _is_rank0()
         out: dict[str, Tensor] = {}
-        for name, tensor in self._params_and_buffers():
+        for name, tensor in items:
             full = safe_get_full_fp32_param(tensor) if isinstance(tensor, nn.Parameter) else tensor
             if full is None:  # a frozen parameter: DeepSpeed keeps no fp32 master for it
                 full = self._gather_param(tensor)
@@ -541,7 +647,7 @@ class DeepSpeedZeroEngine:
                     tensor.data.copy_(src.to(device=tensor.device, dtype=tensor.dtype))
             else:
                 tensor.data.copy_(src.to(device=tensor.device, dtype=tensor.dtype))
-            if isinstance(tensor, nn.Parameter):
+            if isinstance(tensor, nn.Parameter) and tensor.requires_grad:  # frozen ones have no master
                 master = src.to(device=self._master_device(), dtype=torch.float32)
                 safe_set_full_fp32_param(tensor, master)
 

@@ -18,6 +18,7 @@ share it. The stages are plain classes: Ray Data runs them in actor pools (pipel
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Iterator, Protocol
 
@@ -28,7 +29,7 @@ from pipeline.config import Config, config_from_dict
 from pipeline.data import read_prompts
 from pipeline.device import resolve_device
 from pipeline.embeddings import load_embeddings, read_captions
-from pipeline.images import load_image
+from pipeline.images import ImageSkip, load_image
 from pipeline.models import load_adapter
 
 Batch = dict[str, np.ndarray]
@@ -142,6 +143,11 @@ class ImageEncodeStage:
 
     x0 is the posterior mean of the frozen VAE (no sampling: the anchor of a file is the same in
     every epoch); eps is fresh noise per sample, regenerated from its seed.
+
+    A file that passed the pre-flight scan but fails now (changed or removed since) does not stop
+    the run: its row takes the image *and caption* of the next row of the batch that decodes (or the
+    last good row this stage saw), so image and caption still match; ``image_skipped`` (1 per such row)
+    counts it and a warning names the file. Only a batch with nothing decodable, ever, is an error.
     """
 
     def __init__(self, cfg_dict: dict[str, Any]) -> None:
@@ -150,12 +156,12 @@ class ImageEncodeStage:
         self.device = resolve_device(cfg.train.device)
         self.adapter = load_adapter(cfg.model.family, cfg.model.path, self.device, cfg.model.max_sequence_length,
                                     load_text_encoders=False, load_transformer=False)
+        self._last_good: tuple[np.ndarray, str] | None = None  # (pixels, caption): stand-in for a broken file
 
     def __call__(self, batch: Batch) -> Batch:
         cfg = self.cfg
         t0 = time.perf_counter()
-        # The pre-flight scan checked every file; one that broke since is an error, not a silent skip.
-        pixels = np.stack([load_image(str(p), cfg.data.resolution, cfg.data.min_image_size) for p in batch["path"]])
+        pixels = self._pixels(batch)
         x0 = self.adapter.encode_images(torch.from_numpy(pixels))
         eps = draw_eps(self.adapter, [int(s) for s in batch["noise_seed"]], cfg.data.resolution)
         n = len(batch["path"])
@@ -163,6 +169,37 @@ class ImageEncodeStage:
         batch["eps"] = eps.cpu().numpy()
         batch["rollout_s"] = np.full(n, time.perf_counter() - t0, dtype=np.float64)
         return batch
+
+    def _pixels(self, batch: Batch) -> np.ndarray:
+        """[n, 3, R, R] of the batch's files; failed rows replaced as the class docstring says."""
+        d = self.cfg.data
+        decoded: list[np.ndarray | None] = []
+        skips: list[ImageSkip | None] = []
+        for p in batch["path"]:
+            try:
+                decoded.append(load_image(str(p), d.resolution, d.min_image_size, d.max_image_pixels))
+                skips.append(None)
+            except ImageSkip as e:
+                decoded.append(None)
+                skips.append(e)
+        good = [i for i, x in enumerate(decoded) if x is not None]
+        if good:
+            self._last_good = (decoded[good[-1]], str(batch["caption"][good[-1]]))
+        elif self._last_good is None:
+            raise RuntimeError(f"data.images: no image of this batch decodes any more (changed since the scan?): "
+                               f"{'; '.join(str(e) for e in skips)}")
+        captions = [str(c) for c in batch["caption"]]
+        for i, e in enumerate(skips):
+            if e is None:
+                continue
+            j = next((k for k in good if k > i), good[0] if good else None)
+            decoded[i], captions[i] = (decoded[j], captions[j]) if j is not None else self._last_good
+            logging.getLogger("srpo").warning(f"[srpo] offline image skipped at encode, row replaced by "
+                                              f"{'row ' + str(j) if j is not None else 'the last good image'}: {e}")
+        if any(skips):
+            batch["caption"] = np.asarray(captions)
+        batch["image_skipped"] = np.asarray([int(e is not None) for e in skips], dtype=np.int64)
+        return np.stack(decoded)
 
 
 def input_stages(cfg: Config) -> list:

@@ -12,6 +12,7 @@ the same inputs and parameters reproduces it bit for bit on the same device.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -122,17 +123,19 @@ class SRPOStep:
         pos_word, neg_word = control_words(step, tuple(cfg.positive_words), tuple(cfg.negative_words))
         plans = plan_step(self.grid, levels, pos_word, neg_word, self.variant, cfg.injection_discount, self.shift)
         metrics = StepMetrics(step=step, pos_word=pos_word, neg_word=neg_word, levels=levels)
-        if self.objective.overlap:
-            outcomes = self._overlapped(plans, batch)
-        else:
-            outcomes = []
-            for plan in plans:
-                surrogate, result = self.objective.surrogate(self._forward(plan, batch),
-                                                             request_for(plan, batch.captions, cfg))
-                self.engine.backward(surrogate)  # frees this branch's graph before the next forward
-                outcomes.append((plan, result))
+        with self.engine.step_scope(len(plans)):
+            outcomes = self._overlapped(plans, batch) if self.objective.overlap else self._in_turn(plans, batch)
         metrics.branches = [_branch_metrics(plan, result) for plan, result in outcomes]
         return metrics
+
+    def _in_turn(self, plans: list[BranchPlan], batch: StepBatch) -> list[tuple[BranchPlan, BranchResult]]:
+        outcomes = []
+        for plan in plans:
+            surrogate, result = self.objective.surrogate(self._forward(plan, batch),
+                                                         request_for(plan, batch.captions, self.cfg))
+            self.engine.backward(surrogate)  # frees this branch's graph before the next forward
+            outcomes.append((plan, result))
+        return outcomes
 
     def _overlapped(self, plans: list[BranchPlan], batch: StepBatch) -> list[tuple[BranchPlan, BranchResult]]:
         tickets = []
@@ -168,6 +171,9 @@ class _ModuleEngine:
 
     def __init__(self, transformer: torch.nn.Module, backward: Callable[[Tensor], None]) -> None:
         self.transformer, self.backward = transformer, backward
+
+    def step_scope(self, backwards: int) -> AbstractContextManager:
+        return nullcontext()  # a caller holding a real engine opens the engine's own scope
 
 
 def srpo_backward(adapter, transformer: torch.nn.Module, objective: RewardObjective, grid: TrainingGrid,

@@ -11,6 +11,13 @@
                    input width = the tiny CLIP's projection dim; it reads DIR/clip's embeddings)
 Everything is then loaded back by the same loaders that load FLUX.1-dev and the real rewards.
 
+Other families on request (``make_tiny_world(DIR, families=("qwen_image",))``, `srpo make-tiny DIR
+--family qwen_image`), so the default world costs nothing more:
+  DIR/qwen_image/  a diffusers folder with the Qwen-Image layout (QwenImagePipeline.save_pretrained):
+                   QwenImageTransformer2DModel, AutoencoderKLQwenImage (Qwen-Image's latents mean/std),
+                   Qwen2_5_VLForConditionalGeneration + a Qwen2 BPE tokenizer trained offline, Qwen-Image's
+                   scheduler; finished when DIR/WORLD.qwen_image.json exists
+
 Two sizes: ``tiny`` (CPU tests, the default run) and ``small`` (a ~60M-parameter FLUX transformer for
 benchmarks at 256x256).
 """
@@ -19,9 +26,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from pipeline.models.qwen_image import PROMPT_TEMPLATE, PROMPT_TEMPLATE_DROP
+from pipeline.models.qwen_image_sampling import QWEN_IMAGE_SCHEDULER
 from rewards.aesthetic import AESTHETIC_FILE_NAME
 from rewards.tiny import make_tiny_aesthetic, make_tiny_hf_clip, make_tiny_hps
 from rewards.tiny_tokenizers import build_clip_tokenizer
@@ -126,6 +136,94 @@ def make_tiny_flux(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Pa
     return out
 
 
+# Qwen-Image keeps its structure (double-stream MMDiT blocks, 3-axis RoPE, a causal video VAE with a
+# frame axis, a Qwen2.5-VL text encoder with its vision tower and M-RoPE); only widths and depths shrink.
+# axes_dims_rope sums to the head dim; the text encoder's mrope_section sums to half its head dim.
+QWEN_IMAGE_SIZES = {
+    "tiny": dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 6, 6),
+                 text_width=32, text_layers=2, text_heads=2, mrope_section=(2, 3, 3), vae_base_dim=8),
+    "small": dict(num_layers=8, attention_head_dim=64, num_attention_heads=6, axes_dims_rope=(16, 24, 24),
+                  text_width=128, text_layers=4, text_heads=4, mrope_section=(4, 6, 6), vae_base_dim=32),
+}
+# The pre-tokenizer of Qwen2's byte-level BPE (transformers' Qwen2Tokenizer).
+_QWEN_PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                     r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def build_qwen_tokenizer(out_dir: str | Path, vocab_size: int = 1024):
+    """A Qwen2 byte-level BPE tokenizer trained offline on the prompt template and captions, saved for
+    AutoTokenizer. Like the real one, it splits the template's system prompt into exactly
+    PROMPT_TEMPLATE_DROP tokens (every word of it is one token), so the pipeline's drop is the same cut."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN_PRETOKENIZE), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([PROMPT_TEMPLATE.format(c) for c in _T5_CORPUS] * 4, trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
+    # The class Qwen-Image ships (pad = <|endoftext|>, right padding); chat markers are special tokens.
+    qwen = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, model_max_length=32768)
+    qwen.add_special_tokens({"additional_special_tokens": specials[1:]})
+    prefix = qwen(PROMPT_TEMPLATE.split("{}")[0]).input_ids
+    if len(prefix) != PROMPT_TEMPLATE_DROP:
+        raise RuntimeError(f"tiny Qwen tokenizer: the template's system prompt is {len(prefix)} tokens, "
+                           f"expected {PROMPT_TEMPLATE_DROP} (QwenImagePipeline drops that many)")
+    qwen.save_pretrained(str(out_dir))
+    return qwen
+
+
+def _tiny_qwen_text_encoder(spec: dict, tokenizer):
+    """A Qwen2_5_VLForConditionalGeneration of the real class: tiny text model (M-RoPE) + tiny vision tower."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    width, heads = spec["text_width"], spec["text_heads"]
+    assert 2 * sum(spec["mrope_section"]) == width // heads, "M-RoPE sections cover half the head dim"
+    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
+                num_hidden_layers=spec["text_layers"], num_attention_heads=heads, num_key_value_heads=1,
+                max_position_embeddings=2048, rms_norm_eps=1e-6, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), bos_token_id=None,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                 "mrope_section": list(spec["mrope_section"])})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=width,
+                  fullatt_block_indexes=[0], window_size=112)
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+
+
+def make_tiny_qwen_image(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Write a Qwen-Image-layout diffusers folder of random tiny models (QwenImagePipeline.save_pretrained)."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+
+    spec = QWEN_IMAGE_SIZES[size]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_tmp = out / "_tokenizer"
+    tokenizer = build_qwen_tokenizer(tok_tmp)
+    _seed_everything(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=spec["num_layers"],
+        attention_head_dim=spec["attention_head_dim"], num_attention_heads=spec["num_attention_heads"],
+        joint_attention_dim=spec["text_width"], guidance_embeds=False, axes_dims_rope=spec["axes_dims_rope"])
+    # Qwen-Image's per-channel latents_mean / latents_std (the class defaults are the real model's).
+    base = spec["vae_base_dim"]
+    vae = AutoencoderKLQwenImage(base_dim=base, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True])
+    text_encoder = _tiny_qwen_text_encoder(spec, tokenizer)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER)
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    shutil.rmtree(tok_tmp, ignore_errors=True)
+    return out
+
+
 # Bumped whenever the world gains or changes files: a WORLD.json of another version is rebuilt, so a
 # world written by older code is never used with paths it lacks. 2: + aesthetic/.
 WORLD_VERSION = 2
@@ -142,9 +240,38 @@ def _world_is_current(done: Path, seed: int, size: str) -> bool:
     return meta.get("seed") == seed and meta.get("size") == size and meta.get("version") == WORLD_VERSION
 
 
-def make_tiny_world(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> dict[str, str]:
-    """Write the whole tiny world (idempotent: a finished world is reused); returns its paths."""
+def make_tiny_world(out_dir: str | Path, seed: int = 0, size: str = "tiny",
+                    families: Sequence[str] = ("flux",)) -> dict[str, str]:
+    """Write the whole tiny world (idempotent: a finished world is reused); returns its paths.
+
+    ``families``: the model families to write besides FLUX and the rewards (which every world has), e.g.
+    ``("qwen_image",)`` for DIR/qwen_image/ (a preset passes its ``model.family``); each is written
+    once, on first request, so the default world costs nothing more.
+    """
     root = Path(out_dir)
+    paths = _make_base_world(root, seed, size)
+    for family in families:
+        if family != "flux":
+            paths[family] = str(_make_family_folder(root, family, seed, size))
+    return paths
+
+
+def _make_family_folder(root: Path, family: str, seed: int, size: str) -> Path:
+    """DIR/<family>/ of an extra family, marked finished by DIR/WORLD.<family>.json (as WORLD.json marks the rest)."""
+    if family not in TINY_FAMILY_BUILDERS:
+        raise ValueError(f"model.family: no tiny world for {family!r}; expected one of "
+                         f"{sorted(['flux', *TINY_FAMILY_BUILDERS])}")
+    folder, done = root / family, root / f"WORLD.{family}.json"
+    if not _world_is_current(done, seed, size):
+        done.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)  # a half-written folder from an interrupted build
+        TINY_FAMILY_BUILDERS[family](folder, seed=seed, size=size)
+        done.write_text(json.dumps({"seed": seed, "size": size, "version": WORLD_VERSION, "path": str(folder)}))
+    return folder
+
+
+def _make_base_world(root: Path, seed: int, size: str) -> dict[str, str]:
+    """FLUX and the reward models: the default world."""
     done = root / "WORLD.json"
     paths = {
         "flux": str(root / "flux"),
@@ -169,3 +296,7 @@ def make_tiny_world(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> d
     # Written last: a world interrupted mid-way is rebuilt, never half-used.
     done.write_text(json.dumps({"seed": seed, "size": size, "version": WORLD_VERSION, "paths": paths}, indent=2))
     return paths
+
+
+# Families besides FLUX that the tiny world can write (model.family -> builder of its folder).
+TINY_FAMILY_BUILDERS = {"qwen_image": make_tiny_qwen_image}

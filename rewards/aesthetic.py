@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rewards.base import RewardCheckpointError
+from rewards.base import RewardCheckpointError, load_tensors_only
 from rewards.hf_clip import HFCLIPReward
 
 AESTHETIC_FILE_NAME = "sac+logos+ava1-l14-linearMSE.pth"
@@ -65,14 +65,12 @@ def expected_shapes(input_size: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """The tensors of ``path``; ``weights_only`` so a hostile pickle cannot run code."""
+def _read_state_dict(path: Path, mmap: bool = False) -> dict[str, Tensor]:
+    """The tensors of ``path``; ``weights_only`` so a hostile pickle cannot run code (``mmap``: mapped,
+    not read, for the pre-flight check)."""
     if not path.is_file():
         raise FileNotFoundError(f"aesthetic predictor not found: {path} (expected {EXPECTED_FILE})")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, unsafe pickle, not a torch file
-        raise RewardCheckpointError(f"cannot load {path}: {e} (expected {EXPECTED_FILE})") from e
+    obj = load_tensors_only(path, EXPECTED_FILE, mmap=mmap)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # a Lightning-style wrapper
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
@@ -95,6 +93,13 @@ def check_state_dict(state: dict[str, Tensor], where: str) -> int:
             raise RewardCheckpointError(
                 f"{where}: {key} has shape {tuple(state[key].shape)}, expected {shape} (expected {EXPECTED_FILE})")
     return int(first.shape[1])
+
+
+def check_aesthetic_checkpoint(path: str | Path) -> None:
+    """Pre-flight: the predictor head unpickles with weights_only=True and has the released keys and
+    shapes (its tensors are mapped, not read). RewardCheckpointError / FileNotFoundError in one line."""
+    path = Path(path)
+    check_state_dict(_read_state_dict(path, mmap=True), str(path))
 
 
 def load_aesthetic_mlp(path: str | Path, device: str | torch.device = "cpu") -> AestheticMLP:

@@ -7,7 +7,11 @@ puts its cosine similarities on the HPS scale.
 """
 from __future__ import annotations
 
+import pickle
+import re
+import zipfile
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -18,6 +22,48 @@ from rewards.preprocess import clip_preprocess
 
 class RewardCheckpointError(ValueError):
     """A reward checkpoint exists but cannot be used (unloadable, unsafe pickle, wrong keys...)."""
+
+
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+# torch's weights_only refusal, in the words of torch 2.x ("Weights only load failed ... `weights_only` set
+# to `False` ..."), also when a loader (transformers) wraps it in an error of its own.
+_TORCH_REFUSAL = re.compile(r"weights only load failed|weights_only\W*(?:set to\W*)?false", re.IGNORECASE)
+
+
+def describe_load_error(e: BaseException) -> str:
+    """One line, in our words, of why a checkpoint did not load.
+
+    torch's weights_only UnpicklingError advises rerunning with ``weights_only=False``, which runs
+    code from the file and must never be suggested for a reward checkpoint: its text is never passed
+    on (nor that of an error that wraps it, as transformers' loaders do).
+    """
+    chain, seen = [], e
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(x) for x in chain)
+    if any(isinstance(x, pickle.UnpicklingError) for x in chain) or _TORCH_REFUSAL.search(text):
+        found = _UNSAFE_GLOBAL.search(text)
+        what = f"a pickled Python object ({found.group(1)})" if found else "pickled Python objects"
+        return (f"it holds {what} besides tensors and plain containers, which torch.load(weights_only=True) "
+                "refuses to unpickle (a reward checkpoint must hold tensors only)")
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
+
+
+def load_tensors_only(path: str | Path, expected: str, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; RewardCheckpointError in one line otherwise.
+
+    ``mmap``: map a zip checkpoint instead of reading it, so a pre-flight check sees its keys and
+    shapes without reading the tensors (a legacy non-zip file cannot be mapped and is read).
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except Exception as e:  # UnpicklingError, RuntimeError (not a zip), KeyError / EOFError (not a pickle)...
+        # from None: torch's own text (the cause) advises weights_only=False; ours says what is wrong.
+        raise RewardCheckpointError(f"cannot load {path} with torch.load(weights_only=True): "
+                                    f"{describe_load_error(e)} (expected {expected})") from None
 
 
 class RewardModel(torch.nn.Module):

@@ -5,17 +5,21 @@ Their scores are ``exp(logit_scale) * cos``; dividing by 20 puts them on the HPS
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from rewards.base import RewardCheckpointError, RewardModel
+from rewards.base import RewardCheckpointError, RewardModel, describe_load_error, load_tensors_only
 
 HF_KINDS = ("pickscore", "clip")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 EXPECTED_FOLDER = "a transformers CLIPModel folder (config.json + model.safetensors or pytorch_model.bin)"
+# What AutoTokenizer reads for a CLIP tokenizer: a fast tokenizer.json, or the BPE vocab.json + merges.txt.
+EXPECTED_TOKENIZER = "a CLIP tokenizer folder (tokenizer.json, or vocab.json + merges.txt)"
 
 
 def _projected(out: Any, dim: int, what: str) -> Tensor:
@@ -47,6 +51,67 @@ def _check_folder(path: Path, what: str, need_weights: bool) -> None:
         raise FileNotFoundError(f"{path / 'config.json'} not found (expected {EXPECTED_FOLDER})")
     if need_weights and not any((path / f).is_file() for f in WEIGHT_FILES):
         raise RewardCheckpointError(f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _weight_keys(path: Path) -> set[str]:
+    """Parameter names of the weights from_pretrained would read (its first choice of WEIGHT_FILES),
+    from safetensors headers or a mapped weights_only unpickle: no tensor is read."""
+    name = next(f for f in WEIGHT_FILES if (path / f).is_file())
+    files = [path / name]
+    if name.endswith(".index.json"):
+        try:
+            files = [path / s for s in sorted(set(json.loads(files[0].read_text())["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise RewardCheckpointError(f"{files[0]}: not a weights index ({describe_load_error(e)}); "
+                                        "expected JSON with a 'weight_map' of parameter -> shard file") from None
+    keys: set[str] = set()
+    for f in files:
+        if not f.is_file():
+            raise RewardCheckpointError(f"{f}: missing, but {name} lists it; expected every shard of the index")
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), "pt") as h:
+                    keys |= set(h.keys())
+            except (SafetensorError, OSError) as e:
+                raise RewardCheckpointError(f"{f}: not a complete safetensors file ({describe_load_error(e)}); "
+                                            f"expected {EXPECTED_FOLDER}") from None
+        else:
+            state = load_tensors_only(f, EXPECTED_FOLDER, mmap=True)
+            if not isinstance(state, dict):
+                raise RewardCheckpointError(f"{f} holds {type(state).__name__}, not a state dict "
+                                            f"(expected {EXPECTED_FOLDER})")
+            keys |= {str(k) for k in state}
+    return keys
+
+
+def check_clip_folder(path: str | Path, kind: str) -> None:
+    """Pre-flight: ``path`` is a CLIPModel folder whose weights hold both towers, read from the weight
+    files' keys only (safetensors headers, or a mapped weights_only unpickle). One-line errors."""
+    path = Path(path)
+    _check_folder(path, f"{kind} model", need_weights=True)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise RewardCheckpointError(f"{path / 'config.json'}: not readable JSON ({describe_load_error(e)}); "
+                                    f"expected {EXPECTED_FOLDER}") from None
+    if not isinstance(config, dict) or config.get("model_type", "clip") != "clip":
+        got = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise RewardCheckpointError(f"{path / 'config.json'}: model_type {got!r}; expected a CLIPModel config "
+                                    "(model_type 'clip')")
+    keys = _weight_keys(path)
+    for tower in ("text_model.", "vision_model."):
+        if not any(tower in k for k in keys):
+            raise RewardCheckpointError(f"{path}: its weights have no {tower}* parameters ({len(keys)} keys); "
+                                        f"expected {EXPECTED_FOLDER} with both CLIP towers")
+
+
+def check_tokenizer_folder(path: str | Path) -> None:
+    """Pre-flight: ``path`` holds the files AutoTokenizer reads for a CLIP tokenizer."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a folder; expected {EXPECTED_TOKENIZER}")
+    if not ((path / "tokenizer.json").is_file() or all((path / f).is_file() for f in ("vocab.json", "merges.txt"))):
+        raise RewardCheckpointError(f"{path}: no tokenizer files; expected {EXPECTED_TOKENIZER}")
 
 
 class HFCLIPReward(RewardModel):
@@ -89,16 +154,18 @@ class HFCLIPReward(RewardModel):
             model, info = CLIPModel.from_pretrained(
                 str(path), local_files_only=True, dtype=torch.float32, output_loading_info=True
             )
-        except Exception as e:
-            raise RewardCheckpointError(f"cannot load a CLIPModel from {path}: {e} (expected {EXPECTED_FOLDER})") from e
+        except Exception as e:  # noqa: BLE001 - from None: a weights_only refusal's text must not be passed on
+            raise RewardCheckpointError(f"cannot load a CLIPModel from {path}: {describe_load_error(e)} "
+                                        f"(expected {EXPECTED_FOLDER})") from None
         # from_pretrained silently random-initialises missing weights; a reward model must not.
         bad = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
         if bad:
             raise RewardCheckpointError(f"{path} does not hold a complete CLIPModel: {bad}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tok_path), local_files_only=True)
-        except Exception as e:
-            raise RewardCheckpointError(f"cannot load a CLIP tokenizer from {tok_path}: {e}") from e
+        except Exception as e:  # noqa: BLE001
+            raise RewardCheckpointError(f"cannot load a CLIP tokenizer from {tok_path}: {describe_load_error(e)} "
+                                        f"(expected {EXPECTED_TOKENIZER})") from None
         return cls(model, tokenizer, kind).to(device)
 
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:

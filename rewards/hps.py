@@ -16,7 +16,7 @@ import open_clip
 import torch
 from torch import Tensor
 
-from rewards.base import RewardCheckpointError, RewardModel
+from rewards.base import RewardCheckpointError, RewardModel, load_tensors_only
 
 EXPECTED_FILE = "the HPSv2.1 checkpoint HPS_v2.1_compressed.pt (a torch.save'd dict with a 'state_dict' of an open_clip model)"
 
@@ -84,6 +84,34 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     return obj
 
 
+def _mismatch(path: Path, arch_name: str, own: dict[str, Tensor], state_dict: dict[str, Tensor]) -> str:
+    """One line: how ``state_dict`` differs from the open_clip model's own (keys, then shapes)."""
+    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state_dict))
+              if tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    return (f"{path} does not match the open_clip architecture {arch_name!r} "
+            f"(missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+            f"shapes that differ {shapes[:3]}{'...' if len(shapes) > 3 else ''}; expected {EXPECTED_FILE})")
+
+
+def check_hps_checkpoint(checkpoint: str | Path, arch: str = "ViT-H-14") -> None:
+    """Pre-flight: ``checkpoint`` unpickles with weights_only=True and holds exactly the keys and shapes of
+    the open_clip ``arch``, without reading its tensors (mapped) or making the model's weights (meta device).
+
+    Raises RewardCheckpointError (or ValueError / FileNotFoundError about ``arch``) in one line.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"HPSv2.1 checkpoint not found: {path} (expected {EXPECTED_FILE})")
+    arch_name = _resolve_arch(arch)
+    state_dict = _extract_state_dict(load_tensors_only(path, EXPECTED_FILE, mmap=True), path)
+    with _quiet_random_init_warning():
+        own = open_clip.create_model(arch_name, pretrained=None, device="meta").state_dict()
+    if set(own) != set(state_dict) or any(tuple(own[k].shape) != tuple(state_dict[k].shape) for k in own):
+        raise RewardCheckpointError(_mismatch(path, arch_name, own, state_dict))
+
+
 class HPSv2Reward(RewardModel):
     """HPSv2.1 (open_clip CLIP) reward: score = cos(image, text)."""
 
@@ -105,29 +133,14 @@ class HPSv2Reward(RewardModel):
         if not path.is_file():
             raise FileNotFoundError(f"HPSv2.1 checkpoint not found: {path} (expected {EXPECTED_FILE})")
         arch_name = _resolve_arch(arch)
-        try:
-            # weights_only: a checkpoint is data, never code; refuse arbitrary pickled objects.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError...
-            raise RewardCheckpointError(
-                f"cannot load {path} with torch.load(weights_only=True): {type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''} (expected {EXPECTED_FILE})"
-            ) from e
-        state_dict = _extract_state_dict(obj, path)
+        # weights_only: a checkpoint is data, never code; refuse arbitrary pickled objects.
+        state_dict = _extract_state_dict(load_tensors_only(path, EXPECTED_FILE), path)
         with _quiet_random_init_warning():
             model = open_clip.create_model(arch_name, pretrained=None, device="cpu")
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:
-            own = set(model.state_dict())
-            missing = sorted(own - set(state_dict))
-            unexpected = sorted(set(state_dict) - own)
-            raise RewardCheckpointError(
-                f"{path} does not match the open_clip architecture {arch_name!r} "
-                f"(missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; "
-                f"expected {EXPECTED_FILE}): {str(e).splitlines()[0]}"
-            ) from e
+            raise RewardCheckpointError(_mismatch(path, arch_name, model.state_dict(), state_dict)) from e
         tokenizer = open_clip.get_tokenizer(arch_name)
         return cls(model, tokenizer, arch_name).to(device)
 

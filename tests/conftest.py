@@ -28,6 +28,15 @@ def tiny_world(tmp_path_factory) -> dict[str, str]:
     return make_tiny_world(tmp_path_factory.mktemp("tiny-world"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen_world(tiny_world) -> dict[str, str]:
+    """The session's tiny world plus its tiny Qwen-Image folder (``qwen_image``), written on first request only
+    (sessions that never ask pay nothing), by the same code as `srpo make-tiny DIR --family qwen_image`."""
+    from pipeline.tiny import make_tiny_world
+
+    return make_tiny_world(Path(tiny_world["flux"]).parent, seed=0, families=("qwen_image",))
+
+
 def world_overrides(tiny_world: dict[str, str], out_dir: Path) -> list[str]:
     """Overrides that point configs/tiny.yaml at a tiny world and an output dir."""
     root = Path(tiny_world["flux"]).parent
@@ -37,6 +46,8 @@ def world_overrides(tiny_world: dict[str, str], out_dir: Path) -> list[str]:
         f"data.prompts={REPO / 'configs/prompts/tiny_train.txt'}",
         f"data.heldout_prompts={REPO / 'configs/prompts/tiny_heldout.txt'}",
         f"output.dir={out_dir}",
+        # A store per test, beside its run (the product's default is mlflow.db in the working directory).
+        f"log.tracking_uri=sqlite:///{out_dir / 'mlflow.db'}",
     ]
 
 

@@ -18,7 +18,8 @@ PHOTOS = {"astronaut": "an astronaut in a white suit in front of a flag",
           "chelsea": "a tabby cat looking to the side",
           "rocket": "a rocket on a launch pad at dusk"}
 EXPECTED_SKIPS = {"missing_caption": 1, "empty_caption": 1, "bad_manifest_row": 0, "unreadable": 1,
-                  "truncated": 1, "too_small": 1}
+                  "truncated": 1, "too_small": 1, "too_large": 0, "unsupported_format": 0,
+                  "unsupported_mode": 0, "decode_error": 0}
 
 
 def make_photo_folder(root: Path) -> Path:

@@ -48,12 +48,20 @@ WORLD_SIZE = 2
 # - "relayed": as "clipped", but the ranks get the reward through the gradient relay with overlap
 #   (srpo_backward runs both branches' forwards before the backwards, as with remote reward
 #   workers); the reference is still the colocated single-process step.
+# - "lora": peft LoRA adapters (rank 4, the family's default targets) on the frozen base, the
+#   default optimizer; the reference is the single-process LoRA step, compared merged (plain keys).
+#   Only the adapters train: AdamW's ~lr * sign(g) step on B, times A (|A| < 0.18) and the scaling
+#   2, bounds the merged weights' rounding sensitivity as in "default" (measured max error below).
+#   The sharded save / load round trip runs here too (the adapters and their AdamW state alone).
 CLIPPED = dict(max_grad_norm=1e-3, eps=1e-4)
 CASES = {
     "default": dict(optim={}, load=False, checkpointing=False, relay=False, rtol=1e-5, atol=5e-5),
     "clipped": dict(optim=CLIPPED, load=True, checkpointing=True, relay=False, rtol=1e-6, atol=1e-7),
     "relayed": dict(optim=CLIPPED, load=False, checkpointing=False, relay=True, rtol=1e-6, atol=1e-7),
+    "lora": dict(optim={}, load=False, checkpointing=False, relay=False, lora=True, rtol=1e-5, atol=5e-5),
 }
+RESUMED = ("default", "lora")  # the cases that also check save_sharded -> load_sharded
+LORA = dict(rank=4, alpha=8.0, dropout=0.0, target_modules=())  # pipeline.lora.LoraSpec fields
 NORM_RTOL = 1e-5
 
 
@@ -74,13 +82,20 @@ def _reference_step(tr, batch, initial: dict, case: str) -> tuple[dict, float]:
     """The single-process step of a case from the initial weights with a fresh AdamW."""
     from pipeline.srpo_step import build_optimizer, srpo_step
 
+    from pipeline.lora import LoraSpec, add_lora, merge_lora
+
     o = _optim(tr.cfg, case)
     tr.transformer.load_state_dict(initial)
-    opt = build_optimizer(tr.transformer.parameters(), o.lr, o.betas, o.eps, o.weight_decay)
-    m = srpo_step(tr.adapter, tr.transformer, opt, tr.objective, tr.grid, tr.cfg.srpo, batch, STEP,
+    model = tr.transformer
+    if CASES[case].get("lora"):
+        model = copy.deepcopy(tr.transformer)
+        add_lora(model, LoraSpec(**LORA), tr.adapter, seed=0)
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], o.lr, o.betas, o.eps, o.weight_decay)
+    m = srpo_step(tr.adapter, model, opt, tr.objective, tr.grid, tr.cfg.srpo, batch, STEP,
                   torch.Generator(), tr.cfg.data.resolution, tr.cfg.rollout.shift, max_grad_norm=o.max_grad_norm,
                   mixed_precision=tr.cfg.train.mixed_precision, levels=[list(LEVELS)])
-    return {k: v.detach().clone() for k, v in tr.transformer.state_dict().items()}, m.grad_norm
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return (merge_lora(state, LoraSpec(**LORA).scaling) if CASES[case].get("lora") else state), m.grad_norm
 
 
 class _OverlappedRelay:
@@ -103,6 +118,18 @@ class _OverlappedRelay:
         return relay_surrogate(x0_hat, grad), result
 
 
+COLLECTIVES = {"all_gather_single": 0, "reduce_scatter_single": 0}
+
+
+def _count_collectives(dist) -> None:
+    """Count FSDP2's collectives (it calls ``dist.all_gather_single`` / ``dist.reduce_scatter_single``)."""
+    for name in COLLECTIVES:
+        def counted(*args, _orig=getattr(dist, name), _name=name, **kwargs):
+            COLLECTIVES[_name] += 1
+            return _orig(*args, **kwargs)
+        setattr(dist, name, counted)
+
+
 def _worker(rank: int, world_size: int, port: int, job_path: str) -> None:
     """One rank: load the tiny world, then every case with every requested engine; save results."""
     import torch.distributed as dist
@@ -114,6 +141,9 @@ def _worker(rank: int, world_size: int, port: int, job_path: str) -> None:
     from pipeline.device import distributed_backend
     from pipeline.models import TextConditioning, load_adapter
     from pipeline.objective import ColocatedReward
+    from torch.distributed.fsdp import FSDPModule
+
+    from pipeline.lora import LoraSpec, add_lora
     from pipeline.parallel import build_engine
     from pipeline.srpo_step import StepBatch, grid_from_config, srpo_backward
     from pipeline.objective import reward_model_from_config
@@ -122,6 +152,7 @@ def _worker(rank: int, world_size: int, port: int, job_path: str) -> None:
     cfg = load_config(REPO / "configs/tiny.yaml", job["overrides"])
     device = torch.device("cpu")
     dist.init_process_group(distributed_backend(device), rank=rank, world_size=world_size)
+    _count_collectives(dist)
     try:
         adapter = load_adapter(cfg.model.family, cfg.model.path, device, cfg.model.max_sequence_length,
                                load_text_encoders=False)  # the text conditioning comes with the batch
@@ -136,40 +167,54 @@ def _worker(rank: int, world_size: int, port: int, job_path: str) -> None:
         for strategy, zero_stage, tag in job["engines"]:
             for case, spec in CASES.items():
                 model = copy.deepcopy(pristine)
+                if spec.get("lora"):
+                    add_lora(model, LoraSpec(**LORA), adapter, seed=0)
                 if spec["load"]:
                     with torch.no_grad():
                         for p in model.parameters():
                             p.mul_(-0.5)  # other weights, so a failed load shows
                 optim = dataclasses.replace(cfg.optim, **spec["optim"])
                 engine = build_engine(strategy, model, optim, device, cfg.train.mixed_precision,
-                                      spec["checkpointing"], zero_stage, shard_blocks=adapter.shard_blocks(model))
+                                      spec["checkpointing"], zero_stage, shard_blocks=adapter.shard_blocks(model),
+                                      keep_gathered=tag.endswith("gathered"))
                 result = {}
                 if spec["load"]:
                     engine.load_full_state_dict(initial)
                     result["loaded"] = engine.full_state_dict()
                 reward = _OverlappedRelay(objective) if spec["relay"] else objective
-                srpo_backward(adapter, engine.transformer, reward, grid, cfg.srpo, batch, STEP, torch.Generator(),
-                              cfg.data.resolution, cfg.rollout.shift, mixed_precision=cfg.train.mixed_precision,
-                              levels=[[LEVELS[rank]]], backward=engine.backward)
+                assert cfg.srpo.variant == "reference"  # two branches: denoise + inversion
+                COLLECTIVES.update(dict.fromkeys(COLLECTIVES, 0))
+                with engine.step_scope(2):
+                    srpo_backward(adapter, engine.transformer, reward, grid, cfg.srpo, batch, STEP, torch.Generator(),
+                                  cfg.data.resolution, cfg.rollout.shift, mixed_precision=cfg.train.mixed_precision,
+                                  levels=[[LEVELS[rank]]], backward=engine.backward)
+                result["collectives"] = dict(COLLECTIVES)  # the step's forwards and backwards
+                result["fsdp_modules"] = sum(isinstance(m, FSDPModule) for m in engine.transformer.modules())
                 result["grad_norm"] = engine.step(optim.max_grad_norm)
                 result["state"] = engine.full_state_dict()  # rank 0 only; {} elsewhere
-                if case == "default":
+                if case in RESUMED:
                     # Resume: save the sharded model + optimizer, load them into an engine built from
                     # other weights, then take one more identical step with both: bit-identical.
-                    ckpt = Path(job["out"]) / f"ckpt-{tag}"
+                    ckpt = Path(job["out"]) / f"ckpt-{tag}-{case}"
                     engine.save_sharded(str(ckpt))
                     twin_model = copy.deepcopy(pristine)
+                    if spec.get("lora"):  # other adapters (another seed); the base is the checkpoint's
+                        add_lora(twin_model, LoraSpec(**LORA), adapter, seed=1)
                     with torch.no_grad():
                         for p in twin_model.parameters():
-                            p.mul_(-0.5)
+                            if p.requires_grad:
+                                p.mul_(-0.5)
                     twin = build_engine(strategy, twin_model, optim, device, cfg.train.mixed_precision,
                                         spec["checkpointing"], zero_stage,
-                                        shard_blocks=adapter.shard_blocks(twin_model))
+                                        shard_blocks=adapter.shard_blocks(twin_model),
+                                        keep_gathered=tag.endswith("gathered"))
                     twin.load_sharded(str(ckpt))
                     for e in (engine, twin):
-                        srpo_backward(adapter, e.transformer, objective, grid, cfg.srpo, batch, STEP + 1,
-                                      torch.Generator(), cfg.data.resolution, cfg.rollout.shift,
-                                      mixed_precision=cfg.train.mixed_precision, levels=[[LEVELS[1 - rank]]], backward=e.backward)
+                        with e.step_scope(2):
+                            srpo_backward(adapter, e.transformer, objective, grid, cfg.srpo, batch, STEP + 1,
+                                          torch.Generator(), cfg.data.resolution, cfg.rollout.shift,
+                                          mixed_precision=cfg.train.mixed_precision, levels=[[LEVELS[1 - rank]]],
+                                          backward=e.backward)
                         e.step(optim.max_grad_norm)
                     result["continued"] = engine.full_state_dict()
                     result["resumed"] = twin.full_state_dict()
@@ -265,10 +310,12 @@ def test_single_engine_state_round_trip(tiny_cfg):
         engine.load_full_state_dict(state)
 
 
-@pytest.mark.parametrize("strategy,zero_stage", [("fsdp2", 2), ("deepspeed", 2), ("deepspeed", 3)],
-                         ids=["fsdp2", "zero2", "zero3"])
-def test_sharded_engine_matches_single_process(parity, strategy, zero_stage):
-    tag = strategy if strategy == "fsdp2" else f"zero{zero_stage}"
+@pytest.mark.parametrize("strategy,zero_stage,tag", [("fsdp2", 2, "fsdp2"), ("fsdp2", 2, "fsdp2-gathered"),
+                                                      ("deepspeed", 2, "zero2"), ("deepspeed", 3, "zero3")],
+                         ids=["fsdp2", "fsdp2-keep-gathered", "zero2", "zero3"])
+def test_sharded_engine_matches_single_process(parity, strategy, zero_stage, tag):
+    """Each sharded engine (FSDP2 also with learner.fsdp_keep_gathered: one gather and one
+    reduce-scatter of the summed branch gradients per step) equals the single-process step."""
     _run_ranks(parity, [(strategy, zero_stage, tag)])
     for case in CASES:
         ranks = [torch.load(parity["out"] / f"{tag}-{case}-rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
@@ -279,6 +326,13 @@ def test_sharded_engine_matches_single_process(parity, strategy, zero_stage):
             assert list(loaded) == list(parity["initial"])
             for k, v in parity["initial"].items():
                 assert torch.equal(loaded[k], v), f"{tag}/{case}: load_full_state_dict + full_state_dict changed {k}"
+        if strategy == "fsdp2":  # per step, for M sharded modules (blocks + root)
+            counts, m = ranks[0]["collectives"], ranks[0]["fsdp_modules"]
+            g = m - 1 if CASES[case].get("lora") else m  # LoRA: the root's own parameters are frozen, no gradient
+            if tag.endswith("gathered"):  # each module gathered once, one reduce-scatter of the summed branches
+                assert counts == {"all_gather_single": m, "reduce_scatter_single": g}, (case, counts)
+            else:  # each branch reduce-scatters; blocks are gathered again in each backward
+                assert counts["reduce_scatter_single"] == 2 * g and counts["all_gather_single"] > 2 * m, (case, counts)
         norms = [r["grad_norm"] for r in ranks]
         assert all(isinstance(n, float) for n in norms)
         assert norms[0] == norms[1], f"{tag}/{case}: ranks report different grad norms {norms}"
@@ -287,7 +341,7 @@ def test_sharded_engine_matches_single_process(parity, strategy, zero_stage):
         assert ranks[1]["state"] == {}, "full_state_dict is rank 0's by default"
         assert list(state) == list(ref_state), f"{tag}/{case}: keys differ from the plain diffusers state dict"
         rtol, atol = CASES[case]["rtol"], CASES[case]["atol"]
-        if case == "default":  # save_sharded -> load_sharded -> one more step == the step without a break
+        if case in RESUMED:  # save_sharded -> load_sharded -> one more step == the step without a break
             continued, resumed = ranks[0]["continued"], ranks[0]["resumed"]
             assert list(resumed) == list(continued)
             for k, v in continued.items():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
 from pipeline.config import ConfigError
 from pipeline.embeddings import (META, check_compatible, contiguous_runs, load_embeddings, part_files, read_captions,
                                  read_index, unique_captions)
@@ -191,3 +192,24 @@ def test_training_from_the_parquet_takes_the_same_first_step_as_encoding_on_the_
     assert ma == mb
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+
+
+def test_preprocess_preflight_names_the_model_folder_and_empty_prompts(tiny_world, tiny_overrides, tmp_path, capsys):
+    """`srpo preprocess` checks the model layout and the prompts like every other command, before Ray starts."""
+    import shutil
+
+    from jobs.preprocess import main
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["--config", str(REPO / "configs/tiny.yaml"), *tiny_overrides, "--prompts", str(empty)])
+    err = capsys.readouterr().err
+    assert err.startswith("config error: --prompts:") and len(err.strip().splitlines()) == 1
+    broken = tmp_path / "flux"
+    shutil.copytree(tiny_world["flux"], broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["--config", str(REPO / "configs/tiny.yaml"), *tiny_overrides, f"model.path={broken}"])
+    err = capsys.readouterr().err
+    assert err.startswith("config error: model.path:") and "vae" in err and len(err.strip().splitlines()) == 1

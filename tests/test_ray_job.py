@@ -1,4 +1,5 @@
 """`ray job submit` of the README's command against a Ray head started on 127.0.0.1 by the test."""
+import json
 import os
 import signal
 import socket
@@ -40,8 +41,21 @@ def test_ray_job_submit_runs_the_training_job(tiny_overrides, tmp_path):
             assert head.poll() is None, head.stdout.read()
             time.sleep(2)
         out = tmp_path / "job-run"
-        overrides = [o for o in tiny_overrides if not o.startswith("output.dir=")] + [
-            f"output.dir={out}", "train.max_steps=3", "rollout.steps=4",
+        store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        base = [o for o in tiny_overrides if not o.startswith(("output.dir=", "log.tracking_uri="))]
+        # A relative output.dir would be written inside Ray's working-dir package, which Ray deletes:
+        # the job fails at start, naming the field.
+        proc = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+             "python", "-m", "jobs.train", "--config", "configs/tiny.yaml", *base, "output.dir=runs/lost",
+             f"log.tracking_uri={store}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0
+        assert "config error: output.dir:" in proc.stdout + proc.stderr and "_ray_pkg_" in proc.stdout + proc.stderr
+        # As the README's job command: storage and tracking set explicitly; storage as a URI (a
+        # file:// folder standing in for s3:// or gs://): Ray Train's checkpoints and our run files
+        # both go through pyarrow's filesystem.
+        overrides = base + [
+            f"output.dir=file://{out}", f"log.tracking_uri={store}", "train.max_steps=3", "rollout.steps=4",
             # Colocated: what is tested here is the submission path, not the actor placements (which
             # test_ray_pipeline covers); fewer actors keep this test to about a minute on 2 cores.
             "rollout.placement=colocated", "reward.placement=colocated"]
@@ -55,13 +69,16 @@ def test_ray_job_submit_runs_the_training_job(tiny_overrides, tmp_path):
 
         import mlflow
 
-        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+        client = mlflow.MlflowClient(tracking_uri=store)
         (exp,) = [e for e in client.search_experiments() if e.name == "srpo-tiny"]
         (run,) = client.search_runs([exp.experiment_id])
         assert run.info.status == "FINISHED"
         assert run.data.params["learner.num_workers"] == "2"
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [0, 1, 2]
         assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+        assert json.loads((out / "run.json").read_text())["run_id"] == run.info.run_id
+        ray_run = out / "ray" / json.loads((out / "run.json").read_text())["ray_run_name"]
+        assert any(p.name.startswith("checkpoint_") for p in ray_run.iterdir())
     finally:
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started

@@ -9,8 +9,9 @@ import torch
 
 from pipeline.models.base import Conditioning, FlowModelAdapter, ModelFamily
 from pipeline.models.flux import FluxAdapter, TextConditioning
+from pipeline.models.qwen_image import QwenConditioning, QwenImageAdapter
 
-FAMILIES: dict[str, type] = {"flux": FluxAdapter}
+FAMILIES: dict[str, type] = {"flux": FluxAdapter, "qwen_image": QwenImageAdapter}
 
 
 def family_class(family: str) -> type:
@@ -51,5 +52,5 @@ def parameter_template(model_path: str | Path) -> dict[str, tuple[int, ...]]:
     return FAMILIES[family_of(model_path)].parameter_template(model_path)
 
 
-__all__ = ["FAMILIES", "Conditioning", "FlowModelAdapter", "FluxAdapter", "ModelFamily", "TextConditioning",
-           "family_class", "family_of", "load_adapter", "parameter_template"]
+__all__ = ["FAMILIES", "Conditioning", "FlowModelAdapter", "FluxAdapter", "ModelFamily", "QwenConditioning",
+           "QwenImageAdapter", "TextConditioning", "family_class", "family_of", "load_adapter", "parameter_template"]

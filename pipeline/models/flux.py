@@ -22,11 +22,16 @@ import torch
 from torch import Tensor
 
 from pipeline.models.flux_sampling import sample_batch
+from pipeline.models.layout import check_diffusers_folder
 from pipeline.schedules import model_timestep
 
 # FLUX VAE latent normalisation (SRPO_SPEC notation): z_model = (z_vae - shift) * scale.
 FLUX_VAE_SHIFT = 0.1159
 FLUX_VAE_SCALE = 0.3611
+# LoRA's default targets inside a FLUX block (FluxAdapter.lora_target_modules).
+FLUX_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                     "ff_context.net.2", "proj_mlp", "proj_out")
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,10 @@ class FluxAdapter:
     vae_scale_factor = 8  # three 2x downsamples in the FLUX VAE
     latent_channels = 16
     resolution_multiple = 16  # VAE /8, then 2x2 patches
+    # The FLUX.1-dev folder: component sub-folder -> its kind (pipeline.models.layout.COMPONENT_KINDS).
+    components = {"transformer": "diffusers_model", "vae": "diffusers_model", "text_encoder": "transformers_model",
+                  "text_encoder_2": "transformers_model", "tokenizer": "tokenizer", "tokenizer_2": "tokenizer",
+                  "scheduler": "scheduler"}
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                  max_sequence_length: int = 512, device: torch.device | str = "cpu") -> None:
@@ -145,6 +154,13 @@ class FluxAdapter:
         return cls(transformer, vae, te, tok, te2, tok2, max_sequence_length, device)
 
     # ---------------------------------------------------------------- family level (no weights loaded)
+    @classmethod
+    def check_model_folder(cls, path: str | Path, field: str = "model.path") -> None:
+        """Pre-flight: ``path`` has the FLUX.1-dev layout that :meth:`load` and diffusers' FluxPipeline read
+        (every component listed in model_index.json, configs, complete weight files, a FLUX transformer).
+        ConfigError naming ``field`` otherwise; no weights are read."""
+        check_diffusers_folder(path, cls.components, field, {"transformer": cls.transformer_class_name})
+
     @classmethod
     def parameter_template(cls, model_path: str | Path) -> dict[str, tuple[int, ...]]:
         """Parameter names and shapes of the FluxTransformer2DModel of ``<model_path>/transformer``.
@@ -199,6 +215,24 @@ class FluxAdapter:
             raise TypeError(f"{type(transformer).__name__}: no transformer_blocks / single_transformer_blocks to "
                             "shard; expected a FluxTransformer2DModel")
         return blocks
+
+    @staticmethod
+    def lora_target_modules() -> tuple[str, ...]:
+        """LoRA's default targets, matched inside every block of :meth:`shard_blocks` (pipeline/lora.py):
+        the attention projections and feed-forward layers. Double-stream blocks: image and text q/k/v,
+        both output projections, both feed-forwards; single-stream blocks: q/k/v, ``proj_mlp`` (the MLP
+        input) and ``proj_out`` (attention + MLP output). The root's ``proj_out`` lies outside every block."""
+        return FLUX_LORA_TARGETS
+
+    @staticmethod
+    def save_lora_weights(folder: str | Path, transformer_lora_layers: dict[str, Tensor],
+                          metadata: dict[str, Any]) -> None:
+        """A diffusers LoRA folder (``pytorch_lora_weights.safetensors``, peft config in its metadata)
+        that ``FluxPipeline.load_lora_weights(folder)`` loads."""
+        from diffusers import FluxPipeline
+
+        FluxPipeline.save_lora_weights(str(folder), transformer_lora_layers=transformer_lora_layers,
+                                       transformer_lora_adapter_metadata=metadata)
 
     @staticmethod
     def conditioning_to_arrays(cond: TextConditioning) -> dict[str, np.ndarray]:

@@ -156,7 +156,8 @@ def run_ray(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     try:
         images = None
         if cfg.rollout.mode == "offline":
-            scan = scan_images_ray(cfg.data.images, cfg.data.resolution, cfg.data.min_image_size)
+            scan = scan_images_ray(cfg.data.images, cfg.data.resolution, cfg.data.min_image_size,
+                                   cfg.data.max_image_pixels)
             images = log_image_scan(scan, run.tracker)
         loop_config: dict[str, Any] = {
             "cfg": cfg.to_dict(), "mlflow_run_id": run.tracker.run_id, "tracking_uri": run.info["tracking_uri"],
@@ -167,7 +168,7 @@ def run_ray(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         _wait_for_train_cleanup()
         status = "FINISHED"
         return {"run_id": run.tracker.run_id, "tracking_uri": run.info["tracking_uri"],
-                "export": str(run.out / EXPORT_NAME), "run_dir": str(run.out),
+                "export": run.storage.uri(EXPORT_NAME), "run_dir": run.storage.uri(),
                 "checkpoint": result.checkpoint.path if result.checkpoint else None}
     finally:
         close_run(run, status)
