@@ -3,7 +3,7 @@
     source       this worker's Ray Data shard (get_dataset_shard("train"))
     engine       learner.strategy (FSDP2 / DeepSpeed) on Ray Train's process group
     checkpoints  ray.train.report (+ a checkpoint every train.checkpoint_every steps), restore by get_checkpoint
-    objective    the reward actors (reward.placement=remote) or the colocated reward model
+    objective    per training reward: its actor pool (remote), Serve deployment (serve) or model (colocated)
     weight sync  the WeightStore + object-store or broadcast publisher (rollout.placement=actors)
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,10 +22,13 @@ import torch
 from ray.train.v2.api.report_config import CheckpointConsistencyMode
 
 from actors.reward import RemoteReward
+from actors.reward_serve import ServeReward
 from actors.weights import LearnerWeightSync
-from pipeline.config import config_from_dict
+from pipeline.config import Config, config_from_dict, reward_entries
 from pipeline.device import resolve_device
 from pipeline.learner import build_learner
+from pipeline.models import load_adapter
+from pipeline.objective import ColocatedReward, RewardObjective, combine, reward_model_from_config
 from pipeline.tracking import MLflowRun
 
 
@@ -72,9 +76,26 @@ class RayTrainCheckpoints:
 
 def fault_hook(fault: dict[str, str], rank: int) -> Callable[[int], None] | None:
     """Fault injection for the recovery tests (the driver copies SRPO_FAULT_* from its environment):
-    SRPO_FAULT_KILL_AT_STEP=k kills learner rank SRPO_FAULT_RANK (default 1) with SIGKILL when it
-    reaches step k, once: the marker file SRPO_FAULT_MARKER records that it fired, so the restarted
-    group runs through."""
+
+    - SRPO_FAULT_KILL_AT_STEP=k kills learner rank SRPO_FAULT_RANK (default 1) with SIGKILL when it
+      reaches step k, once: the marker file SRPO_FAULT_MARKER records that it fired, so the restarted
+      group runs through;
+    - SRPO_FAULT_HOLD_AT_STEPS=k1,k2 with SRPO_FAULT_HOLD_FILE=path holds rank 0 before each of those
+      steps: it writes ``path.<k>.waiting.<pid>`` and waits (at most 10 minutes) until ``path.<k>``
+      exists. A test uses the pause to change the reward deployment (scale down, kill a replica)
+      between two steps of a run."""
+    kill, hold = _kill_hook(fault, rank), _hold_hook(fault, rank)
+    if kill is None or hold is None:
+        return kill or hold
+
+    def both(step: int) -> None:
+        hold(step)
+        kill(step)
+
+    return both
+
+
+def _kill_hook(fault: dict[str, str], rank: int) -> Callable[[int], None] | None:
     at = fault.get("SRPO_FAULT_KILL_AT_STEP")
     if at is None or rank != int(fault.get("SRPO_FAULT_RANK", "1")):
         return None
@@ -90,6 +111,44 @@ def fault_hook(fault: dict[str, str], rank: int) -> Callable[[int], None] | None
     return maybe_kill
 
 
+def _hold_hook(fault: dict[str, str], rank: int) -> Callable[[int], None] | None:
+    steps, path = fault.get("SRPO_FAULT_HOLD_AT_STEPS", ""), fault.get("SRPO_FAULT_HOLD_FILE", "")
+    if not steps or not path or rank != 0:
+        return None
+    at = {int(s) for s in steps.split(",")}
+
+    def maybe_hold(step: int) -> None:
+        if step not in at:
+            return
+        open(f"{path}.{step}.waiting.{os.getpid()}", "w").close()
+        deadline = time.monotonic() + 600
+        while not os.path.exists(f"{path}.{step}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    return maybe_hold
+
+
+def reward_objective(cfg: Config, workers: list[Any], device: torch.device) -> RewardObjective | None:
+    """The learner's reward objective from the driver's reward workers (one per training reward: None,
+    actor handles or a Serve application name). None when every reward is colocated: build_learner
+    then scores with the learner's own VAE. A colocated reward beside remote ones gets a VAE of its own."""
+    entries = [r for _, r in reward_entries(cfg)]
+    if all(r.placement == "colocated" for r in entries):
+        return None
+    vae = None
+    objectives: list[Any] = []
+    for r, w in zip(entries, workers):
+        if r.placement == "remote":
+            objectives.append(RemoteReward(w))
+        elif r.placement == "serve":
+            objectives.append(ServeReward.for_app(w, r))
+        else:
+            vae = vae or load_adapter(cfg.model.family, cfg.model.path, device, load_text_encoders=False,
+                                      load_transformer=False)
+            objectives.append(ColocatedReward(vae, reward_model_from_config(r, device), cfg.data.resolution))
+    return combine(entries, objectives)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = config_from_dict(config["cfg"])
     # Ray Train logs two INFO lines per checkpoint and rank; the step lines already say what happened.
@@ -101,7 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker = None
     if rank == 0 and config.get("mlflow_run_id"):
         tracker = MLflowRun.attach(config["tracking_uri"], config["mlflow_run_id"])
-    objective = RemoteReward(config["reward_actors"]) if cfg.reward.placement == "remote" else None
+    objective = reward_objective(cfg, config["reward_workers"], device)
     sync = LearnerWeightSync(cfg, config["store"], rank, device) if config.get("store") is not None else None
     learner = build_learner(cfg, RayShardSource(cfg.train.batch_size), RayTrainCheckpoints(), device=device,
                             rank=rank, world=world, strategy=cfg.learner.strategy, tracker=tracker,

@@ -38,7 +38,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 from torch import Tensor
 
-from pipeline.config import Config
+from pipeline.config import Config, RewardConfig
 from pipeline.device import resolve_device
 from pipeline.models import load_adapter
 from pipeline.objective import BranchResult, ColocatedReward, RewardRequest, relay_surrogate
@@ -105,24 +105,26 @@ class RewardWorker:
         return {"pid": os.getpid(), "requests": self.requests_served}
 
 
-def worker_kwargs(cfg: Config) -> dict[str, Any]:
-    """RewardWorker arguments from the config: one place, for actors and in-process use alike."""
-    r = cfg.reward
+def worker_kwargs(cfg: Config, entry: RewardConfig | None = None) -> dict[str, Any]:
+    """RewardWorker arguments of one training reward (default: the ``reward`` block): one place, for
+    actors, Serve replicas and in-process use alike."""
+    r = cfg.reward if entry is None else entry
     return dict(model_family=cfg.model.family, model_path=cfg.model.path, reward_kind=r.kind,
                 reward_path=r.path, reward_arch=r.arch or None, tokenizer_path=r.tokenizer_path or None,
                 resolution=cfg.data.resolution, device="auto" if r.num_gpus > 0 else "cpu")
 
 
-def start_reward_actors(cfg: Config) -> list[ActorHandle]:
-    """``cfg.reward.num_actors`` restartable RewardWorker actors (Ray must be initialised).
+def start_reward_actors(cfg: Config, entry: RewardConfig | None = None) -> list[ActorHandle]:
+    """``num_actors`` restartable RewardWorker actors of one training reward (default: the ``reward``
+    block), in its ``runtime_env`` if it has one (Ray must be initialised).
 
     A restarted actor re-runs ``__init__`` (reloads VAE and reward model); ``max_task_retries=-1``
     makes Ray re-run the requests that were lost with the old process.
     """
-    r = cfg.reward
-    cls = ray.remote(RewardWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                                           max_restarts=-1, max_task_retries=-1)
-    kw = worker_kwargs(cfg)
+    r = cfg.reward if entry is None else entry
+    cls = ray.remote(RewardWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=-1,
+                                           max_task_retries=-1, runtime_env=r.runtime_env or None)
+    kw = worker_kwargs(cfg, r)
     return [cls.remote(**kw) for _ in range(r.num_actors)]
 
 
@@ -130,7 +132,7 @@ def start_reward_actors(cfg: Config) -> list[ActorHandle]:
 class RewardTicket:
     """A request in flight: its ObjectRef plus what is needed to resubmit it."""
 
-    ref: ray.ObjectRef
+    ref: Any  # a ray.ObjectRef (actor pool) or a Serve DeploymentResponse
     actor: int  # pool index that got it
     method: str
     args: tuple  # CPU payload; kept so a request lost with its actor can be sent again
@@ -154,7 +156,20 @@ class RemoteReward:
     def reset_timers(self) -> None:
         self.reward_wait_s = 0.0
 
+    def step_metrics(self) -> dict[str, float]:
+        """Requests sent again after their worker died, since this learner started (a count that grows
+        shows workers dying; the results are unaffected)."""
+        return {"reward/resubmits": float(self.resubmits)}
+
     # ---------------------------------------------------------------- plumbing
+    @property
+    def fanout(self) -> int:
+        """Requests a no-grad scoring batch is split into (one per actor of the pool)."""
+        return len(self.handles)
+
+    def _result(self, ref: Any) -> Any:
+        return ray.get(ref)
+
     def _send(self, method: str, args: tuple, actor: int | None = None) -> RewardTicket:
         if actor is None:
             actor = self._next
@@ -167,7 +182,7 @@ class RemoteReward:
         try:
             for attempt in range(self.max_resubmits + 1):
                 try:
-                    return ray.get(ticket.ref)
+                    return self._result(ticket.ref)
                 except RayActorError:
                     # Ray's own retries (max_task_retries) did not cover this (retries off or
                     # exhausted, or restarts exhausted): send it again, to the actor after the one
@@ -201,7 +216,7 @@ class RemoteReward:
         if latents.shape[0] != len(captions):
             raise ValueError(f"got {len(captions)} captions for {latents.shape[0]} latents")
         x = latents.detach().to("cpu", torch.float32)
-        chunks = torch.arange(x.shape[0]).tensor_split(min(len(self.handles), x.shape[0]))
+        chunks = torch.arange(x.shape[0]).tensor_split(min(self.fanout, x.shape[0]))
         tickets = [(len(idx), self._send("score", (x[idx], [captions[i] for i in idx.tolist()],
                                                    pos_word, neg_word, float(k), form)))
                    for idx in chunks]

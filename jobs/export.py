@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a complete diffusers folder (base components + these weights)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", action="store_true",
-                      help="a LoRA run's adapter as a diffusers LoRA folder (the pipeline's load_lora_weights reads it)")
+                      help="a LoRA run's adapter as a diffusers LoRA folder (for the pipeline's load_lora_weights)")
     mode.add_argument("--merge", action="store_true",
                       help="a LoRA adapter (run, checkpoint or LoRA folder) merged into the base: full weights")
     p.add_argument("--model-path", help="base diffusers folder (default: from the checkpoint or run config)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -97,6 +98,9 @@ class SRPOConfig:
     # relative_discount: the authors' later recipe: reward (r_pos - r_neg) * shift(linspace(0,1,N+1))[m],
     #                    loss -reward, denoise branch only
     variant: Literal["reference", "denoise_only", "relative_discount"] = "reference"
+    # relative_discount: the time shift of its discount table shift(linspace(0,1,N+1)); the authors fix
+    # it at 3 whatever the rollout's shift (their Qwen-Image rollout is unshifted).
+    discount_shift: float = 3.0
     # Reward aggregation (paper option): several noise levels m per x0, weighted lambda_j ∝ discount^j,
     # j = 0 for the noisiest draw. 1 injection = the reference.
     num_injections: int = 1
@@ -111,7 +115,27 @@ class SRPOConfig:
 
 
 @dataclass
+class AutoscalingConfig:
+    """reward.placement=serve: Ray Serve's ``autoscaling_config`` of this reward's deployment
+    (docs/rewards.md). Serve keeps ``target_ongoing_requests`` requests (running plus queued) per
+    replica between ``min_replicas`` and ``max_replicas``; min = max is a fixed number of replicas."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    # A reward replica computes one request at a time, so 1 asks for a replica per request in flight
+    # (running or queued): every learner rank keeps two in flight (both branches).
+    target_ongoing_requests: float = 1.0
+    upscale_delay_s: float = 30.0  # Serve's defaults: scale up after 30 s of load, down after 10 min idle
+    downscale_delay_s: float = 600.0
+    metrics_interval_s: float = 10.0  # how often handles and replicas report their queues
+    look_back_period_s: float = 30.0  # the window those reports are averaged over
+
+
+@dataclass
 class RewardConfig:
+    """One training reward. ``reward:`` is a run with one reward; ``rewards:`` a list of them, each
+    entry starting from the ``reward:`` block's values (docs/rewards.md)."""
+
     kind: Literal["hpsv2", "pickscore", "clip"] = "hpsv2"
     # hpsv2: the HPS_v2.1_compressed.pt file; pickscore/clip: a transformers CLIPModel folder.
     path: str = ""
@@ -119,12 +143,28 @@ class RewardConfig:
     arch: str = "ViT-H-14"
     # pickscore: the CLIP-ViT-H-14 processor folder whose tokenizer PickScore uses (default: path).
     tokenizer_path: str = ""
-    # colocated: the reward model lives in the learner (the reference); remote: reward actors decode
-    # x0_hat and return dLoss/dx0_hat (the gradient relay).
-    placement: Literal["colocated", "remote"] = "colocated"
-    num_actors: int = 2
-    num_cpus: float = 1.0  # per reward actor
-    num_gpus: float = 0.0  # per reward actor
+    name: str = ""  # metric names reward/<name>/... with several rewards ("" = kind)
+    weight: float = 1.0  # the branch loss is the weighted sum of every reward's loss
+    scale: float = 1.0  # multiplies this reward's SRP (reward, pos/neg scores) before the hinge
+    srp_form: Literal["", "reference", "cfg", "plain"] = ""  # "" = srpo.srp_form
+    # colocated: the reward model lives in the learner (the reference); remote: a fixed pool of
+    # num_actors reward actors decodes x0_hat and returns dLoss/dx0_hat (the gradient relay); serve:
+    # the same relay as a Ray Serve deployment that autoscales (reward.autoscaling).
+    placement: Literal["colocated", "remote", "serve"] = "colocated"
+    num_actors: int = 2  # placement=remote
+    num_cpus: float = 1.0  # per reward actor or Serve replica
+    num_gpus: float = 0.0  # per reward actor or Serve replica; fractions share a GPU (0.25 = 4 per GPU)
+    # placement=serve: requests a replica accepts at once. It computes one at a time; the next waits
+    # in the replica, ready to start, instead of in the caller's router, whose retries back off for up
+    # to 0.5 s (Ray 2.60) while the replica idles. More spreads less evenly over new replicas.
+    max_ongoing_requests: int = 2
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    # placement=serve: the name of a Serve application shared by several runs on one cluster; the
+    # first run deploys it, later runs attach ("" = a deployment of this run alone, deleted at its end).
+    service: str = ""
+    # placement=remote or serve: the Ray runtime_env of the reward workers (pip, uv, conda, env_vars,
+    # py_modules, ...): their own Python packages beside the learner's (docs/rewards.md).
+    runtime_env: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -254,6 +294,8 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     srpo: SRPOConfig = field(default_factory=SRPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    # Several training rewards at once; each entry starts from the reward block ([] = reward alone).
+    rewards: list[RewardConfig] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -302,7 +344,13 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
+    if tp is Any:  # free-form values (a runtime_env's pip list or env_vars), checked by their user
+        return value
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: got {value!r}, expected a mapping with string keys")
+        return {k: _coerce(v, typing.get_args(tp)[1], f"{where}.{k}") for k, v in value.items()}
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -411,15 +459,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         data = loaded
     for o in overrides:
         data = _deep_merge(data, parse_override(o))
-    cfg = _build(Config, data)
-    validate(cfg)
-    return cfg
+    return config_from_dict(data)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    cfg = _build(Config, data)
+    cfg = _build(Config, _rewards_from_reward_block(data))
     validate(cfg)
     return cfg
+
+
+def _rewards_from_reward_block(data: dict[str, Any]) -> dict[str, Any]:
+    """Each ``rewards`` entry starts from the ``reward`` block: a preset's reward settings (placement,
+    resources, runtime_env) apply to every entry that does not set its own."""
+    entries, base = data.get("rewards"), data.get("reward")
+    if not entries or not isinstance(entries, list) or not isinstance(base, dict):
+        return data
+    merged = [_deep_merge(base, e) if isinstance(e, dict) else e for e in entries]
+    return {**data, "rewards": merged}
+
+
+def reward_entries(cfg: Config) -> list[tuple[str, RewardConfig]]:
+    """(config field, entry) of every training reward: ``rewards[i]``, or ``reward`` alone."""
+    if cfg.rewards:
+        return [(f"rewards[{i}]", r) for i, r in enumerate(cfg.rewards)]
+    return [("reward", cfg.reward)]
+
+
+def reward_name(r: RewardConfig) -> str:
+    """The name of a reward in metrics (reward/<name>/...) and in its Serve application."""
+    return r.name or r.kind
 
 
 def _require(cond: bool, field_name: str, message: str) -> None:
@@ -432,6 +500,7 @@ def validate(cfg: Config) -> None:
     _validate_srpo(cfg)
     _validate_run(cfg)
     _validate_lora(cfg)
+    _validate_rewards(cfg)
     _validate_eval(cfg)
 
 
@@ -461,6 +530,7 @@ def _validate_srpo(cfg: Config) -> None:
     _require(s.num_injections >= 1, "srpo.num_injections", f"got {s.num_injections}, expected >= 1")
     _require(0.0 < s.injection_discount <= 1.0, "srpo.injection_discount",
              f"got {s.injection_discount}, expected 0 < discount <= 1")
+    _require(s.discount_shift > 0, "srpo.discount_shift", f"got {s.discount_shift}, expected > 0")
     _require(len(s.positive_words) >= 1, "srpo.positive_words", "expected at least one word")
     _require(len(s.negative_words) >= 1, "srpo.negative_words", "expected at least one word")
 
@@ -498,18 +568,70 @@ def _validate_run(cfg: Config) -> None:
     _require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", f"got {cfg.optim.warmup_steps}, expected >= 0")
     _require(cfg.train.max_failures >= -1, "train.max_failures",
              f"got {cfg.train.max_failures}, expected -1 (no limit) or >= 0")
-    _require(cfg.reward.num_actors >= 1, "reward.num_actors", f"got {cfg.reward.num_actors}, expected >= 1")
 
 
 def _validate_lora(cfg: Config) -> None:
     lo = cfg.lora
     _require(lo.rank >= 0, "lora.rank", f"got {lo.rank}, expected 0 (full fine-tuning) or a positive rank")
-    _require(lo.alpha is None or lo.alpha > 0, "lora.alpha", f"got {lo.alpha}, expected a positive number or null (= lora.rank)")
+    _require(lo.alpha is None or lo.alpha > 0, "lora.alpha",
+             f"got {lo.alpha}, expected a positive number or null (= lora.rank)")
     _require(0.0 <= lo.dropout < 1.0, "lora.dropout", f"got {lo.dropout}, expected 0 <= dropout < 1")
     _require(all(t.strip() and t == t.strip() and not t.startswith(".") for t in lo.target_modules),
              "lora.target_modules", f"got {lo.target_modules}, expected non-empty layer names such as 'attn.to_q'")
     _require(len(set(lo.target_modules)) == len(lo.target_modules), "lora.target_modules",
              f"got {lo.target_modules}, expected each name once")
+
+
+# Ray's runtime_env keys that make sense for a reward worker (https://docs.ray.io/en/latest/ray-core/api/runtime-env.html).
+RUNTIME_ENV_KEYS = ("pip", "uv", "conda", "env_vars", "py_modules", "working_dir", "excludes", "py_executable",
+                    "image_uri", "config")
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _validate_rewards(cfg: Config) -> None:
+    names: dict[str, str] = {}
+    services: dict[str, str] = {}
+    for where, r in reward_entries(cfg):
+        _validate_reward(r, where)
+        name = reward_name(r)
+        _require(name not in names, f"{where}.name",
+                 f"{name!r} is also the name of {names.get(name)}; expected a distinct name per reward "
+                 "(it names the reward/<name>/... metrics)")
+        names[name] = where
+        if r.service:
+            _require(r.service not in services, f"{where}.service",
+                     f"{r.service!r} is also {services.get(r.service)}.service; expected one service per reward")
+            services[r.service] = where
+
+
+def _validate_reward(r: RewardConfig, where: str) -> None:
+    _require(r.num_actors >= 1, f"{where}.num_actors", f"got {r.num_actors}, expected >= 1")
+    _require(r.num_cpus >= 0, f"{where}.num_cpus", f"got {r.num_cpus}, expected >= 0")
+    _require(r.num_gpus >= 0, f"{where}.num_gpus", f"got {r.num_gpus}, expected >= 0 (fractions share a GPU)")
+    _require(r.weight > 0, f"{where}.weight", f"got {r.weight}, expected > 0")
+    _require(r.scale > 0, f"{where}.scale", f"got {r.scale}, expected > 0")
+    _require(r.name == "" or _SERVICE_NAME.fullmatch(r.name) is not None, f"{where}.name",
+             f"got {r.name!r}, expected letters, digits, '_', '.' or '-'")
+    _require(r.max_ongoing_requests >= 1, f"{where}.max_ongoing_requests", f"got {r.max_ongoing_requests}, expected >= 1")
+    a = r.autoscaling
+    _require(a.min_replicas >= 0, f"{where}.autoscaling.min_replicas", f"got {a.min_replicas}, expected >= 0")
+    _require(a.max_replicas >= max(1, a.min_replicas), f"{where}.autoscaling.max_replicas",
+             f"got {a.max_replicas}, expected >= 1 and >= autoscaling.min_replicas ({a.min_replicas})")
+    _require(a.target_ongoing_requests > 0, f"{where}.autoscaling.target_ongoing_requests",
+             f"got {a.target_ongoing_requests}, expected > 0")
+    for key in ("upscale_delay_s", "downscale_delay_s"):
+        _require(getattr(a, key) >= 0, f"{where}.autoscaling.{key}", f"got {getattr(a, key)}, expected >= 0")
+    for key in ("metrics_interval_s", "look_back_period_s"):
+        _require(getattr(a, key) > 0, f"{where}.autoscaling.{key}", f"got {getattr(a, key)}, expected > 0")
+    _require(not r.service or r.placement == "serve", f"{where}.service",
+             f"got {r.service!r} with placement={r.placement}; a shared service needs {where}.placement=serve")
+    _require(not r.service or _SERVICE_NAME.fullmatch(r.service) is not None, f"{where}.service",
+             f"got {r.service!r}, expected letters, digits, '_', '.' or '-' (a Serve application name)")
+    unknown = sorted(set(r.runtime_env) - set(RUNTIME_ENV_KEYS))
+    _require(not unknown, f"{where}.runtime_env", f"unknown key {unknown[0] if unknown else ''!r}; "
+             f"expected Ray runtime_env keys: {', '.join(RUNTIME_ENV_KEYS)}")
+    _require(not r.runtime_env or r.placement != "colocated", f"{where}.runtime_env",
+             "a colocated reward runs in the learner's environment; a runtime_env needs placement=remote or serve")
 
 
 def _validate_eval(cfg: Config) -> None:
@@ -524,9 +646,10 @@ def _validate_eval(cfg: Config) -> None:
     _require(not e.every or len(e.gold) >= 1, "eval.gold",
              "eval.every > 0 needs at least one gold scorer (a reward model other than the training reward)")
     for i, sc in enumerate(e.gold):
-        _require(not (sc.kind == cfg.reward.kind and sc.path == cfg.reward.path), f"eval.gold[{i}]",
-                 f"the gold reward must differ from the training reward ({cfg.reward.kind}:{cfg.reward.path}); "
-                 "a reward the policy optimises cannot detect reward hacking")
+        for where, r in reward_entries(cfg):
+            _require(not (sc.kind == r.kind and sc.path == r.path), f"eval.gold[{i}]",
+                     f"the gold reward must differ from the training reward {where} ({r.kind}:{r.path}); "
+                     "a reward the policy optimises cannot detect reward hacking")
     if cfg.rollout.mode == "offline":
         _require(bool(cfg.data.images), "data.images",
                  "rollout.mode=offline needs data.images: an image folder with same-named .txt captions, "
@@ -555,14 +678,15 @@ def check_paths(cfg: Config, scorers: bool = False) -> None:
     need(cfg.data.prompts, "data.prompts", "a text file with one prompt per line, or a parquet file", False)
     if cfg.data.heldout_prompts:
         need(cfg.data.heldout_prompts, "data.heldout_prompts", "a prompts file", False)
-    if cfg.reward.kind == "hpsv2":
-        need(cfg.reward.path, "reward.path", "the HPSv2.1 checkpoint file (HPS_v2.1_compressed.pt)", False)
-        if cfg.reward.arch.endswith(".json"):
-            need(cfg.reward.arch, "reward.arch", "an open_clip model-config JSON file", False)
-    else:
-        need(cfg.reward.path, "reward.path", f"a transformers CLIPModel folder for {cfg.reward.kind}", True)
-    if cfg.reward.tokenizer_path:
-        need(cfg.reward.tokenizer_path, "reward.tokenizer_path", "a tokenizer folder", True)
+    for where, r in reward_entries(cfg):
+        if r.kind == "hpsv2":
+            need(r.path, f"{where}.path", "the HPSv2.1 checkpoint file (HPS_v2.1_compressed.pt)", False)
+            if r.arch.endswith(".json"):
+                need(r.arch, f"{where}.arch", "an open_clip model-config JSON file", False)
+        else:
+            need(r.path, f"{where}.path", f"a transformers CLIPModel folder for {r.kind}", True)
+        if r.tokenizer_path:
+            need(r.tokenizer_path, f"{where}.tokenizer_path", "a tokenizer folder", True)
     if cfg.rollout.mode == "offline":
         p = Path(cfg.data.images)
         if not (p.is_dir() or (p.is_file() and p.suffix in (".parquet", ".jsonl"))):
@@ -602,10 +726,10 @@ def absolute_paths(cfg: Config, base: str | Path | None = None) -> Config:
     out.model.path = fix(out.model.path)
     out.data.prompts = fix(out.data.prompts)
     out.data.heldout_prompts = fix(out.data.heldout_prompts)
-    out.reward.path = fix(out.reward.path)
-    out.reward.tokenizer_path = fix(out.reward.tokenizer_path)
-    if out.reward.arch.endswith(".json"):  # a config file, not an open_clip model name
-        out.reward.arch = fix(out.reward.arch)
+    for r in [out.reward, *out.rewards]:
+        r.path, r.tokenizer_path = fix(r.path), fix(r.tokenizer_path)
+        if r.arch.endswith(".json"):  # a config file, not an open_clip model name
+            r.arch = fix(r.arch)
     out.data.images = fix(out.data.images)
     out.data.prompt_embeddings = fix(out.data.prompt_embeddings)
     out.eval.prompts = fix(out.eval.prompts)

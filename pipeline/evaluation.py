@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from pipeline.checkpoint import read_run
-from pipeline.config import Config, ConfigError, ScorerConfig
+from pipeline.config import Config, ConfigError, ScorerConfig, reward_entries, reward_name
 from pipeline.data import read_prompts
 from pipeline.device import resolve_device
 from pipeline.export import WeightsSource, find_run_dir, read_weights, resolve_weights, source_step
@@ -128,11 +128,11 @@ def eval_resolution(cfg: Config) -> int:
 
 
 def scorer_configs(cfg: Config) -> list[ScorerConfig]:
-    """``eval.scorers``, or the training reward as the only scorer when none is configured."""
+    """``eval.scorers``, or the training rewards as the scorers when none is configured."""
     if cfg.eval.scorers:
         return list(cfg.eval.scorers)
-    r = cfg.reward
-    return [ScorerConfig(kind=r.kind, path=r.path, arch=r.arch, tokenizer_path=r.tokenizer_path, name=r.kind)]
+    return [ScorerConfig(kind=r.kind, path=r.path, arch=r.arch, tokenizer_path=r.tokenizer_path, name=reward_name(r))
+            for _, r in reward_entries(cfg)]
 
 
 def _scheduler_config(model_path: str | Path) -> dict[str, Any] | None:

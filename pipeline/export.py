@@ -57,8 +57,11 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, step: int 
     metadata = {"format": "pt", **(extra_metadata or {})}
     if step is not None:
         metadata["srpo_step"] = str(step)
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a write that died: the previous file stays, no half file beside it
     return path
 
 
@@ -472,8 +475,8 @@ def read_checkpoint_weights(ckpt: str | Path, model_path: str | None = None) -> 
     state = read_state(ckpt)  # raises ValueError naming the problem when incomplete
     lora = LoraSpec.from_record(state.get("lora"))
     if lora is not None:  # a LoRA run's checkpoint holds the adapters alone: merged into the base here
-        return merged_lora_weights(read_checkpoint_adapter(ckpt), lora, model_path or _checkpoint_model_path(ckpt, None),
-                                   ckpt)
+        base = model_path or _checkpoint_model_path(ckpt, None)
+        return merged_lora_weights(read_checkpoint_adapter(ckpt), lora, base, ckpt)
     # The engines' own readers, kept beside the writers that made these folders (pipeline/parallel.py).
     if (ckpt / "model_optim").is_dir():
         expected = transformer_template(model_path) if model_path is not None else None

@@ -211,6 +211,7 @@ class Learner:
         scored = self.objective.score_many(b.x0, b.captions, m.pos_word, m.neg_word,
                                            float(grid.d_pos[grid.N // 2]), form=cfg.srpo.srp_form)
         flat.update({f"rollout/{k}": v for k, v in scored.items()})
+        flat.update(self.objective.step_metrics())  # several rewards: reward/<name>/...
         return flat
 
     def publish(self, step: int) -> dict[str, float]:

@@ -12,6 +12,12 @@ Strategies:
   built after sharding, on the DTensor shards.
 - ``deepspeed``: ZeRO stage 2 or 3 around the same ``torch.optim.AdamW``.
 
+With LoRA (pipeline/lora.py) the transformer arrives with peft's adapters and a frozen base: every
+engine gives AdamW the trainable parameters alone, keeps the frozen ones in bf16 on accelerators,
+leaves them out of checkpoints (the base is reloaded from model.path), and merges the adapters into
+the plain diffusers keys in ``full_state_dict``. Full fine-tuning has no frozen parameter, and none of
+this changes anything for it.
+
 The sharded strategies are data parallel: each rank runs its own samples and the gradients are
 averaged across ranks (FSDP2's reduce-scatter and DeepSpeed's reduction both divide by the world
 size). Since the SRPO branch loss is a per-sample mean, N ranks with B samples each compute the
@@ -21,6 +27,8 @@ group (a Ray Train worker, or a test's spawned processes; backend from
 """
 from __future__ import annotations
 
+import importlib
+import io
 import os
 import warnings
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -30,6 +38,9 @@ from typing import Iterator, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -185,12 +196,24 @@ def _save_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> 
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
 
 
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner unpickles a checkpoint's non-tensor entries (AdamW's steps and param
+    groups: numbers, lists, dicts) with ``weights_only=False``; this one reads them with ``True``."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
 def _load_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
     """Inverse of :func:`_save_dcp`: every rank reads its own shards (DCP reshards if the layout
     differs) and loads them in place, model and AdamW state both."""
     model_state, optim_state = get_state_dict(model, optimizer, options=_DCP_OPTIONS)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, planner=_WeightsOnlyLoadPlanner())
     # strict=False: load_state_dict would miss the frozen parameters, which are not in the checkpoint;
     # anything else missing is still an error.
     keys = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
@@ -227,7 +250,7 @@ def read_dcp_model_weights(dcp_dir: Path, expected: dict[str, tuple[int, ...]] |
                            f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
     state = {k: torch.empty(shape, dtype=torch.float32) if saved[k].properties.dtype.is_floating_point
              else torch.empty(shape, dtype=saved[k].properties.dtype) for k, shape in shapes.items()}
-    dcp.load({"model": state}, checkpoint_id=str(dcp_dir), no_dist=True)
+    dcp.load({"model": state}, checkpoint_id=str(dcp_dir), no_dist=True, planner=_WeightsOnlyLoadPlanner())
     return state
 
 
@@ -455,6 +478,33 @@ class FSDP2Engine(_DCPCheckpoints):
 # ------------------------------------------------------------------------------------------ DeepSpeed
 
 
+# The only non-tensor types DeepSpeed's ZeRO-2/3 checkpoints pickle (found by loading them with
+# weights_only=True: tests/test_parallel.py reads and resumes both stages this way).
+DEEPSPEED_SAFE_GLOBALS = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                          ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                          ("deepspeed.utils.tensor_fragment", "fragment_address"))
+
+
+@contextmanager
+def _deepspeed_weights_only() -> Iterator[None]:
+    """DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)``, which can run code
+    from a file. Within this context each of its ``torch.load`` calls is made with ``weights_only=True``,
+    allowing only the DeepSpeed types its checkpoints hold (plain classes, an enum, a dataclass)."""
+    allowed = [getattr(importlib.import_module(module), name) for module, name in DEEPSPEED_SAFE_GLOBALS]
+    original = torch.load
+
+    def weights_only_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    with torch.serialization.safe_globals(allowed):
+        torch.load = weights_only_load
+        try:
+            yield
+        finally:
+            torch.load = original
+
+
 def _import_deepspeed(device: torch.device):
     """deepspeed, with its accelerator matching ``device``.
 
@@ -550,10 +600,7 @@ class DeepSpeedZeroEngine:
     def read_model_weights(ds_dir: Path) -> dict[str, torch.Tensor]:
         """DeepSpeed ZeRO-2/3 partitions consolidated to fp32 with DeepSpeed's own zero_to_fp32 (CPU only).
 
-        Security note: zero_to_fp32 reads DeepSpeed's ``*_model_states.pt`` / ``*_optim_states.pt`` with
-        ``torch.load(weights_only=False)`` (they pickle DeepSpeed objects), which can run code from the
-        file. It is only ever called on a checkpoint folder that passed :func:`read_state` (our own
-        srpo_state.json and manifests), i.e. one this project wrote; never point it at foreign files.
+        DeepSpeed's files are read with ``weights_only=True`` (:func:`_deepspeed_weights_only`).
         """
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # optional dependency
 
@@ -561,7 +608,8 @@ class DeepSpeedZeroEngine:
         if tag is None and not (ds_dir / "latest").is_file():
             raise ValueError(f"{ds_dir}: no zero/ tag folder and no 'latest' file; expected "
                              "DeepSpeedZeroEngine.save_sharded's checkpoint")
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+        with _deepspeed_weights_only():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
         return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
     def save_sharded(self, path: str) -> None:
@@ -570,11 +618,11 @@ class DeepSpeedZeroEngine:
         self.transformer.save_checkpoint(path, tag="zero", exclude_frozen_parameters=self._frozen)
 
     def load_sharded(self, path: str) -> None:
-        """Collective. DeepSpeed reads its own files with torch.load(weights_only=False); they are
-        written by this run's learners, never user data."""
-        load_path, _ = self.transformer.load_checkpoint(path, tag="zero", load_optimizer_states=True,
-                                                        load_lr_scheduler_states=False,
-                                                        load_module_strict=not self._frozen)
+        """Collective. DeepSpeed's files are read with ``weights_only=True`` (:func:`_deepspeed_weights_only`)."""
+        with _deepspeed_weights_only():
+            load_path, _ = self.transformer.load_checkpoint(path, tag="zero", load_optimizer_states=True,
+                                                            load_lr_scheduler_states=False,
+                                                            load_module_strict=not self._frozen)
         if load_path is None:
             raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint (tag 'zero') to resume from")
 

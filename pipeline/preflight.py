@@ -21,7 +21,7 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator
 
-from pipeline.config import Config, ConfigError, ScorerConfig
+from pipeline.config import Config, ConfigError, RewardConfig, ScorerConfig, reward_entries
 from pipeline.data import read_prompts
 from pipeline.embeddings import check_compatible, read_captions
 from pipeline.images import Skipped, check_images, list_images
@@ -50,8 +50,9 @@ def preflight(cfg: Config, scorers: bool = False) -> None:
     the training data); otherwise the training inputs are checked.
     """
     check_model_folder(cfg)
-    if not (scorers and cfg.eval.scorers):  # evaluate scores with the training reward when it has no scorers
-        check_scorer(reward_as_scorer(cfg), "reward")
+    if not (scorers and cfg.eval.scorers):  # evaluate scores with the training rewards when it has no scorers
+        for where, r in reward_entries(cfg):
+            check_scorer(reward_as_scorer(r), where)
     for group in (["scorers"] if scorers else []) + (["gold"] if cfg.eval.every else []):
         for i, sc in enumerate(getattr(cfg.eval, group)):
             check_scorer(sc, f"eval.{group}[{i}]")
@@ -66,8 +67,7 @@ def check_model_folder(cfg: Config) -> None:
         family_class(cfg.model.family).check_model_folder(cfg.model.path, "model.path")
 
 
-def reward_as_scorer(cfg: Config) -> ScorerConfig:
-    r = cfg.reward
+def reward_as_scorer(r: RewardConfig) -> ScorerConfig:
     return ScorerConfig(kind=r.kind, path=r.path, arch=r.arch, tokenizer_path=r.tokenizer_path)
 
 

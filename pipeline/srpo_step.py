@@ -75,7 +75,7 @@ def request_for(plan: BranchPlan, captions: list[str], cfg: SRPOConfig) -> Rewar
     return RewardRequest(
         captions=captions, pos_word=plan.pos_word, neg_word=plan.neg_word, k=plan.k, weight=plan.weight,
         hinge_margin=cfg.hinge_margin, loss_kind=variant_named(cfg.variant).loss_kind,
-        discount=plan.discount, srp_form=cfg.srp_form,
+        discount=plan.discount, srp_form=cfg.srp_form, branch=plan.name,
     )
 
 
@@ -96,8 +96,10 @@ class SRPOStep:
 
     @classmethod
     def from_config(cls, cfg: Config, adapter, engine, objective: RewardObjective) -> "SRPOStep":
+        """The grid's sigmas use the rollout's shift; ``shift`` here is the relative discount's, fixed at
+        3 in the authors' recipe even where the rollout is unshifted (Qwen-Image: rollout shift 1)."""
         return cls(adapter, engine, objective, grid_from_config(cfg.srpo, cfg.rollout.shift), cfg.srpo,
-                   cfg.data.resolution, cfg.rollout.shift, cfg.train.mixed_precision, cfg.optim.max_grad_norm)
+                   cfg.data.resolution, cfg.srpo.discount_shift, cfg.train.mixed_precision, cfg.optim.max_grad_norm)
 
     def draw_levels(self, generator: torch.Generator, batch: int) -> list[list[int]]:
         return draw_levels(self.grid, generator, batch, self.cfg.num_injections)

@@ -206,16 +206,16 @@ def make_tiny_qwen_image(out_dir: str | Path, seed: int = 0, size: str = "tiny")
     out.mkdir(parents=True, exist_ok=True)
     tok_tmp = out / "_tokenizer"
     tokenizer = build_qwen_tokenizer(tok_tmp)
-    _seed_everything(seed)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=64, out_channels=16, num_layers=spec["num_layers"],
-        attention_head_dim=spec["attention_head_dim"], num_attention_heads=spec["num_attention_heads"],
-        joint_attention_dim=spec["text_width"], guidance_embeds=False, axes_dims_rope=spec["axes_dims_rope"])
-    # Qwen-Image's per-channel latents_mean / latents_std (the class defaults are the real model's).
-    base = spec["vae_base_dim"]
-    vae = AutoencoderKLQwenImage(base_dim=base, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True, True])
-    text_encoder = _tiny_qwen_text_encoder(spec, tokenizer)
+    with torch.random.fork_rng(devices=[]):  # deterministic from the seed, the caller's RNG untouched
+        torch.manual_seed(seed)
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=spec["num_layers"],
+            attention_head_dim=spec["attention_head_dim"], num_attention_heads=spec["num_attention_heads"],
+            joint_attention_dim=spec["text_width"], guidance_embeds=False, axes_dims_rope=spec["axes_dims_rope"])
+        # Qwen-Image's per-channel latents_mean / latents_std: the class defaults are the real model's.
+        vae = AutoencoderKLQwenImage(base_dim=spec["vae_base_dim"], z_dim=16, dim_mult=[1, 2, 4, 4],
+                                     num_res_blocks=1, temperal_downsample=[False, True, True])
+        text_encoder = _tiny_qwen_text_encoder(spec, tokenizer)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER)
     pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                              transformer=transformer)

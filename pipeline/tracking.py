@@ -23,7 +23,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.config import Config
+from pipeline.config import Config, reward_entries, reward_name
 from pipeline.data import read_prompts
 from pipeline.device import resolve_device
 from pipeline.images import list_images
@@ -66,7 +66,8 @@ DIGEST_CHARS = 16  # MLflow stores dataset digests of at most 36 characters
 
 def default_run_name(cfg: Config) -> str:
     """``<reward>-<variant>-lr<lr>``, e.g. ``hpsv2-reference-lr1e-05``: what tells runs apart in the UI."""
-    return f"{cfg.reward.kind}-{cfg.srpo.variant}-lr{cfg.optim.lr:g}"
+    rewards = "+".join(reward_name(r) for _, r in reward_entries(cfg))
+    return f"{rewards}-{cfg.srpo.variant}-lr{cfg.optim.lr:g}"
 
 
 def mark_training_experiment(client: Any, experiment_id: str) -> None:
@@ -225,7 +226,7 @@ class MLflowRun:
         mlflow.set_tags({
             "srpo.code_version": _code_version(),
             "srpo.model_path": cfg.model.path,
-            "srpo.reward": f"{cfg.reward.kind}:{cfg.reward.path}",
+            "srpo.reward": ", ".join(f"{r.kind}:{r.path}" for _, r in reward_entries(cfg)),
             SYSTEM_METRICS_TAG: str(system_metrics_wanted(cfg)).lower(),
         })
         for dataset, context in datasets:

@@ -67,6 +67,30 @@ def tiny_cfg(tiny_overrides):
     return make
 
 
+def non_loopback_listeners() -> list[tuple[int, str, str, int]]:
+    """Listening sockets of this process and of every process it started (a local Ray cluster's
+    processes are its children) bound to anything but loopback: (pid, name, address, port)."""
+    import ipaddress
+
+    import psutil
+
+    me = psutil.Process()
+    out = []
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            conns, name = proc.net_connections(kind="inet"), proc.name()
+        except psutil.Error:  # a process that exited meanwhile
+            continue
+        for c in conns:
+            if c.status != psutil.CONN_LISTEN:
+                continue
+            ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
+            mapped = getattr(ip, "ipv4_mapped", None)
+            if not (ip.is_loopback or (mapped is not None and mapped.is_loopback)):
+                out.append((proc.pid, name, c.laddr.ip, c.laddr.port))
+    return out
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster for the session, started by the product's own connect_ray: 8 logical
@@ -85,6 +109,10 @@ def ray_local():
     # The dashboard (Ray Train's state-API target) listens on loopback only, on a free port.
     url = ray._private.worker.global_worker.node.address_info["webui_url"]
     assert url.startswith("127.0.0.1:") and not url.endswith(":8265"), url
+    # Nothing of the cluster (GCS, raylet, dashboard and its agents, a worker that ran a task) listens
+    # on another interface.
+    assert ray.get(ray.remote(num_cpus=0)(lambda: os.getpid()).remote()) != os.getpid()
+    assert non_loopback_listeners() == []
     yield ray
     ray.shutdown()
 

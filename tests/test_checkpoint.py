@@ -89,3 +89,26 @@ def test_lr_schedule_is_a_function_of_the_step():
 
     assert [lr_at(s, 1.0, 0) for s in range(3)] == [1.0, 1.0, 1.0]
     assert [lr_at(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_resume_refuses_other_control_words_or_the_other_process_layout(tiny_cfg, tmp_path):
+    """`--resume` must keep the checkpoint's control words and learner layout (0 versus Ray); the
+    error names the fields (learner count and strategy: the test above)."""
+    from pipeline.checkpoint import TrainingState, write_json_atomic
+    from pipeline.config import ConfigError
+    from pipeline.runs import check_resumable
+
+    cfg = tiny_cfg()
+    saved = TrainingState.from_json(json.loads(json.dumps(TrainingState(step=2).to_json(cfg, 1))))
+    saved.check_phase(cfg)  # the same word lists: accepted
+    with pytest.raises(ValueError, match=r"^srpo\.positive_words / srpo\.negative_words: the checkpoint's next "
+                                         r"control words are .* the config gives 'Sharp' / "):
+        saved.check_phase(tiny_cfg("srpo.positive_words=[Sharp, Vivid]"))
+
+    for recorded, ray_run, trained in ((None, True, r"in a single process \(learner\.num_workers=0\)"),
+                                       ("srpo-0123abcd", False, r"on Ray \(learner\.num_workers >= 1\)")):
+        write_json_atomic(tmp_path / "run.json", {"run_id": "x", "tracking_uri": "sqlite:///x.db",
+                                                  "ray_run_name": recorded})
+        with pytest.raises(ConfigError, match=rf"^learner\.num_workers: the run in .* was trained {trained}; "
+                                              "resume it with the learner count it started with"):
+            check_resumable(cfg, tmp_path, ray_run=ray_run)

@@ -65,10 +65,13 @@ def table_rows(markdown: str) -> dict[tuple[str, str], list[str]]:
     return {(r[0], r[1]): r[2:] for r in rows}
 
 
-def test_compare_writes_png_and_table_and_logs_a_comparison_run(synthetic, tracking_uri, tmp_path, capsys):
+def test_compare_writes_png_and_table_and_logs_a_comparison_run(synthetic, tracking_uri, tmp_path, capsys,
+                                                                monkeypatch):
     folder, (id_a, id_b) = synthetic
-    out = tmp_path / "out"
-    assert main([str(folder), id_b, "--tracking-uri", tracking_uri, "--out", str(out)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main([str(folder), id_b, "--tracking-uri", tracking_uri]) == 0  # no --out: ./compare
+    out = tmp_path / "compare"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare"]
     printed = capsys.readouterr().out
     markdown = (out / "compare.md").read_text()
     assert markdown in printed

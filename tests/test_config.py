@@ -20,6 +20,25 @@ def test_hps_preset_is_the_reference_recipe():
     assert (s.d_pos, s.d_inv, s.hinge_margin, s.variant) == ([0.1, 0.25], [0.3, 0.01], 0.7, "reference")
     assert (c.reward.kind, c.reward.arch, c.model.max_sequence_length) == ("hpsv2", "ViT-H-14", 512)
     assert c.model.activation_checkpointing
+    # One process unless asked (README: the FLUX presets leave learner.num_workers at 0), everything
+    # colocated as in the reference, and the restartable weight sync by default.
+    for name in ("flux_hpsv2", "flux_pickscore"):
+        p = load_config(REPO / f"configs/{name}.yaml")
+        assert (p.learner.num_workers, p.rollout.placement, p.reward.placement) == (0, "colocated", "colocated"), name
+        assert p.rollout.weight_sync == "object_store", name
+
+
+def test_tiny_preset_is_the_readme_quick_start():
+    """The numbers the README's quick start and preset table give for configs/tiny.yaml."""
+    c = load_config(REPO / "configs/tiny.yaml")
+    assert (c.data.resolution, c.rollout.steps, c.train.mixed_precision, c.train.max_steps, c.optim.lr) == \
+        (64, 10, "fp32", 8, 3e-3)
+    assert (c.learner.num_workers, c.learner.strategy) == (2, "fsdp2")
+    assert (c.rollout.placement, c.rollout.num_actors, c.reward.placement, c.reward.num_actors) == \
+        ("actors", 2, "remote", 2)
+    assert (c.tiny.enabled, c.tiny.dir, c.output.dir) == (True, ".cache/srpo-tiny", "runs/tiny")
+    # `srpo evaluate` on the tiny preset: 4 scorers.
+    assert [s.kind for s in c.eval.scorers] == ["hpsv2", "pickscore", "clip", "aesthetic"]
 
 
 def test_pickscore_preset():

@@ -282,3 +282,19 @@ def test_report_without_base_has_no_deltas():
     r.base_scores = {"hpsv2": [0.5, 0.5]}
     assert r.metrics() == {"eval/hpsv2/mean": 0.5, "eval/hpsv2/base_mean": 0.5, "eval/hpsv2/delta": 0.0,
                            "eval/hpsv2/win_rate": 0.5}
+
+
+def test_prompts_and_scorers_default_to_the_heldout_prompts_and_the_training_reward(tiny_world, tiny_cfg, tmp_path):
+    from pipeline.config import ScorerConfig
+    from pipeline.evaluation import eval_prompts, scorer_configs
+
+    heldout = [line.strip() for line in (REPO / "configs/prompts/tiny_heldout.txt").read_text().splitlines()
+               if line.strip()]
+    assert eval_prompts(tiny_cfg()) == heldout  # eval.prompts unset: data.heldout_prompts
+    mine = tmp_path / "mine.txt"
+    mine.write_text("a lighthouse at dusk\na bowl of fruit\n")
+    assert eval_prompts(tiny_cfg(f"eval.prompts={mine}")) == ["a lighthouse at dusk", "a bowl of fruit"]
+    # No eval.scorers: the training reward, under its kind's name.
+    assert scorer_configs(tiny_cfg("eval.scorers=[]")) == [
+        ScorerConfig(kind="hpsv2", path=tiny_world["hps_checkpoint"], arch=tiny_world["hps_arch"], name="hpsv2")]
+    assert [s.kind for s in scorer_configs(tiny_cfg())] == ["hpsv2", "pickscore", "clip", "aesthetic"]

@@ -135,10 +135,13 @@ def test_bf16_export_is_the_fp32_export_cast(trained):
 def test_diffusers_folder_export_loads_and_gives_the_same_image(trained, reference, tiny_world, tmp_path):
     from safetensors.torch import load_file
 
+    from jobs.export import main
     from pipeline.export import export_diffusers_folder
 
     state = load_file(str(trained["export"]))
-    out = export_diffusers_folder(state, tiny_world["flux"], tmp_path / "srpo-flux", "fp32")
+    out = tmp_path / "srpo-flux"  # through the CLI, as the README shows it
+    assert main([str(trained["export"]), "--diffusers-folder", "--model-path", tiny_world["flux"],
+                 "--out", str(out)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["srpo-flux"]  # no temporary folder left behind
     assert sorted(p.name for p in (out / "transformer").iterdir()) == ["config.json",
                                                                      "diffusion_pytorch_model.safetensors"]
@@ -148,6 +151,31 @@ def test_diffusers_folder_export_loads_and_gives_the_same_image(trained, referen
     with pytest.raises(KeyError, match="missing"):  # weights that would not load are refused up front
         export_diffusers_folder({k: v for k, v in list(state.items())[1:]}, tiny_world["flux"], tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_safetensors_write_interrupted_midway_leaves_the_previous_file(tmp_path, monkeypatch):
+    """save_state_dict writes a temporary file and renames it: a write that dies halfway (a full disk,
+    a killed process) never leaves a truncated file under the real name."""
+    import safetensors.torch
+    from safetensors.torch import load_file
+
+    from pipeline.export import save_state_dict
+
+    target = tmp_path / "diffusion_pytorch_model.safetensors"
+    old = {"w": torch.arange(6, dtype=torch.float32)}
+    save_state_dict(old, target, step=1)
+    before = target.read_bytes()
+
+    def dies_halfway(tensors, filename, metadata=None):
+        Path(filename).write_bytes(before[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_halfway)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_state_dict({"w": torch.zeros(6)}, target, step=2)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # the half-written temporary is gone
+    torch.testing.assert_close(load_file(str(target))["w"], old["w"], rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------ 4
@@ -218,12 +246,15 @@ def test_srpo_sample_writes_pngs_equal_to_generate(trained, generated, tiny_over
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n\n")
     out = tmp_path / "samples"
-    rc = main(["--config", str(REPO / "configs/tiny.yaml"), *tiny_overrides, "--weights", str(trained["export"]),
-               "--prompts", str(prompts_file), "--out", str(out), "--steps", str(STEPS), "--guidance", str(GUIDANCE),
-               "--resolution", str(RESOLUTION), "--seed", str(SEED), "--batch-size", "1"])
+    # No sampling flag: the defaults come from the eval section (configs/tiny.yaml: steps 4, guidance 3.5,
+    # resolution 64; seed and batch size overridden there).
+    rc = main(["--config", str(REPO / "configs/tiny.yaml"), *tiny_overrides, f"eval.seed={SEED}", "eval.batch_size=1",
+               "--weights", str(trained["export"]), "--prompts", str(prompts_file), "--out", str(out)])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "index.json", "prompts.txt"]
     index = json.loads((out / "index.json").read_text())
+    assert {k: index["settings"][k] for k in ("steps", "guidance", "resolution", "seed", "batch_size")} == \
+        {"steps": STEPS, "guidance": GUIDANCE, "resolution": RESOLUTION, "seed": SEED, "batch_size": 1}
     assert [(e["prompt"], e["seed"]) for e in index["images"]] == [(p, SEED + i) for i, p in enumerate(PROMPTS)]
     assert (out / "prompts.txt").read_text().splitlines() == PROMPTS
     png = np.asarray(Image.open(out / "00000.png").convert("RGB")).astype(int)

@@ -98,11 +98,19 @@ def test_decode_is_differentiable_and_in_range(adapter):
     assert all(p.grad is None for p in adapter.vae.parameters()), "the VAE is frozen"
 
 
-def test_encode_then_decode_shapes(adapter):
+def test_encode_then_decode_shapes(adapter, pipe):
     img = torch.rand(2, 3, 64, 64)
     x = adapter.encode_images(img)
     assert x.shape == (2, 16, 64)
     assert adapter.decode(x, 64).shape == (2, 3, 64, 64)
+    # The posterior mean (not a sample), normalised and packed as FluxPipeline does, through the
+    # pipeline's own VAE and config: the README's "VAE-encoded (posterior mean)".
+    with torch.no_grad():
+        mean = pipe.vae.encode(img * 2 - 1).latent_dist.mean
+    vae = pipe.vae.config
+    expected = pipe._pack_latents((mean - vae.shift_factor) * vae.scaling_factor, 2, 16, 8, 8)
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(adapter.encode_images(img, torch.Generator().manual_seed(1)), x, rtol=0, atol=0)
 
 
 def test_missing_component_names_the_path(tmp_path):

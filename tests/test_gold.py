@@ -109,3 +109,38 @@ def test_gold_must_differ_from_the_training_reward(tiny_cfg, tiny_world):
         tiny_cfg(f"eval.gold={same}", "eval.every=1")
     with pytest.raises(ConfigError, match="eval.gold"):
         tiny_cfg("eval.every=1")
+
+
+def test_early_stop_tags_the_run_and_checkpoints_the_gold_state(tiny_cfg, tiny_world, monkeypatch):
+    """A single-process run whose gold scores are fixed (0.5, then 0.4; the scoring itself is checked
+    above) stops after step 2 of 6 with patience 1: the tag, the metrics under the scorer's name and
+    gold/score, and a checkpoint at the stop (none is due before the end) holding the gold state."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.checkpoint import latest_checkpoint
+    from pipeline.gold import GoldReward
+    from pipeline.runs import run_local
+
+    sequence = iter([0.5, 0.4])
+    monkeypatch.setattr(GoldReward, "scores", lambda self, adapter, transformer: {"pickscore": next(sequence)})
+    cfg = _gold_cfg(tiny_cfg, tiny_world, "learner.num_workers=0", "train.max_steps=6", "train.batch_size=1",
+                    "train.checkpoint_every=0", "log.image_every=0", "rollout.steps=2", "eval.patience=1")
+    result = run_local(cfg)
+    client = MlflowClient(result["tracking_uri"])
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["srpo.early_stopped_at_step"] == "2"
+
+    def history(key):
+        return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+
+    assert [s for s, _ in history("loss")] == [0, 1]
+    assert history("gold/pickscore") == history("gold/score") == [(0, 0.5), (1, 0.4)]
+    assert history("gold/best") == [(0, 0.5), (1, 0.5)]
+    state = json.loads((latest_checkpoint(Path(cfg.output.dir) / "checkpoints") / "srpo_state.json").read_text())
+    assert state["step"] == 2
+    assert state["gold"] == {"best": 0.5, "best_step": 1, "evals_without_improvement": 1,
+                             "history": [[1, 0.5], [2, 0.4]]}
+    assert json.loads((Path(cfg.output.dir) / "best" / "best.json").read_text())["step"] == 1
+    assert Path(result["export"]).is_file()
+    # log.image_every=0: no image at all, the gold evaluation's held-out images included.
+    assert not [a.path for a in client.list_artifacts(run.info.run_id, "images")]

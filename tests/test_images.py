@@ -366,13 +366,21 @@ def make_mixed_folder(root: Path) -> Path:
 
 
 def test_mixed_folder_scan_counts_are_exact(tmp_path):
-    from pipeline.images import scan_images
+    from pipeline.images import load_image, scan_images
 
     root = make_mixed_folder(tmp_path / "photos")
     scan = scan_images(root, 64, max_pixels=LIMIT)
     assert scan.counts == EXPECTED, {s.path: s.reason for s in scan.skipped}
     assert sorted(Path(r.path).name for r in scan.usable) == USABLE
     assert all((root / n).is_file() for n in USABLE)
+    # data.min_image_size: 75 also refuses the 70 x 70 logo; 32 admits the 40 x 40 image, upsampled to 64.
+    larger = scan_images(root, 64, 75, max_pixels=LIMIT)
+    assert larger.counts == {**EXPECTED, "too_small": 2}
+    assert sorted(Path(r.path).name for r in larger.usable) == [n for n in USABLE if n != "rgba.png"]
+    smaller = scan_images(root, 64, 32, max_pixels=LIMIT)
+    assert smaller.counts == {**EXPECTED, "too_small": 0}
+    assert sorted(Path(r.path).name for r in smaller.usable) == sorted([*USABLE, "tiny.png"])
+    assert load_image(root / "tiny.png", 64, 32).shape == (3, 64, 64)
 
 
 def test_mixed_folder_high_bit_image_is_not_white(tmp_path):

@@ -143,12 +143,20 @@ def test_preprocess_counts_embeddings_resume_and_append(tiny_cfg, ray_local, tmp
         preprocess(other, out, prompts=prompts, progress=False)
     with pytest.raises(ConfigError, match=r"data\.prompt_embeddings.*model\.max_sequence_length"):
         check_compatible(out, other)
+    # Nor another model (a copy elsewhere counts as another model: the folder records the resolved path).
+    with pytest.raises(ConfigError, match=r"data\.prompt_embeddings.*was made with model\.path="):
+        check_compatible(out, tiny_cfg(f"model.path={tmp_path / 'another-flux'}"))
     assert check_compatible(out, cfg)["complete"]
 
 
-def test_training_from_the_parquet_takes_the_same_first_step_as_encoding_on_the_fly(tiny_cfg, ray_local, tmp_path):
+def test_training_from_the_parquet_takes_the_same_first_step_as_encoding_on_the_fly(tiny_cfg, ray_local, tmp_path,
+                                                                                    monkeypatch):
     """The learner's first batch through the Ray Data stream, with and without data.prompt_embeddings,
-    then the learner's SRPO step (colocated rollout and reward) on each: identical, bit for bit."""
+    then the learner's SRPO step (colocated rollout and reward) on each: identical, bit for bit.
+    With the parquet the stream has no text-encoder stage."""
+    import ray.data
+
+    import pipeline.ray.preprocess as ray_preprocess
     from pipeline.models import load_adapter
     from pipeline.objective import ColocatedReward
     from pipeline.rollout import sample_x0
@@ -159,14 +167,28 @@ def test_training_from_the_parquet_takes_the_same_first_step_as_encoding_on_the_
 
     on_the_fly = tiny_cfg("rollout.placement=colocated", "train.max_steps=2")
     out = tmp_path / "emb"
+    pools, encode_missing = [], ray_preprocess.encode_missing
+
+    def recorded(cfg, out_dir, todo, batch_size, num_actors, progress):
+        pools.append(num_actors)
+        return encode_missing(cfg, out_dir, todo, batch_size, num_actors, progress)
+
+    monkeypatch.setattr(ray_preprocess, "encode_missing", recorded)
     preprocess(on_the_fly, out, progress=False)
+    assert pools == [2]  # no num_actors (`srpo preprocess` without --num-actors): tiny.yaml's rollout.num_actors
     from_parquet = tiny_cfg("rollout.placement=colocated", "train.max_steps=2", f"data.prompt_embeddings={out}")
     gb = global_batch(on_the_fly)
-    batches = []
+    batches, stages = [], []
+    map_batches = ray.data.Dataset.map_batches
+    monkeypatch.setattr(ray.data.Dataset, "map_batches",
+                        lambda ds, fn, *a, **kw: stages[-1].append(fn.__name__) or map_batches(ds, fn, *a, **kw))
     for cfg in (on_the_fly, from_parquet):
+        stages.append([])
         rows = build_dataset(cfg).take(gb)
         batches.append({k: np.stack([np.asarray(r[k]) for r in rows]) if k in ("prompt_embeds", "pooled")
                         else [r[k] for r in rows] for k in rows[0]})
+    monkeypatch.undo()
+    assert stages == [["TextEmbedStage"], ["EmbeddingLookupStage"]]
     a, b = batches
     assert a["caption"] == b["caption"] and a["noise_seed"] == b["noise_seed"]
     np.testing.assert_array_equal(a["prompt_embeds"], b["prompt_embeds"])

@@ -88,6 +88,23 @@ def test_tiny_folder_is_a_qwen_image_pipeline_that_generates(pipe, tiny_qwen_wor
     QwenImageAdapter.check_model_folder(tiny_qwen_world["qwen_image"])
 
 
+def test_tiny_folder_is_deterministic_per_seed_and_leaves_the_callers_rng(tiny_qwen_world, tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.tiny import make_tiny_qwen_image
+
+    state = torch.random.get_rng_state()
+    again = make_tiny_qwen_image(tmp_path / "again", seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    session = Path(tiny_qwen_world["qwen_image"])
+    files = sorted(p.relative_to(session) for p in session.rglob("*.safetensors"))
+    assert len(files) == 3  # transformer, vae, text_encoder
+    for f in files:
+        a, b = load_file(str(session / f)), load_file(str(again / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    assert (session / "tokenizer/tokenizer.json").read_text() == (again / "tokenizer/tokenizer.json").read_text()
+
+
 def test_prompt_template_and_its_drop_are_the_pipelines(pipe):
     assert PROMPT_TEMPLATE == pipe.prompt_template_encode
     assert PROMPT_TEMPLATE_DROP == pipe.prompt_template_encode_start_idx
@@ -256,6 +273,8 @@ def test_direct_align_recovery_is_exact_through_the_adapter(adapter, tiny_qwen_c
     for m in range(cfg.srpo.m_margin, grid.N - cfg.srpo.m_margin + 1):
         for plan in plan_branches(grid, [m], "P", "N", variant="reference"):
             x0_hat = direct_align(lambda x, s: adapter.velocity(oracle, x, s, cond, guidance, RES), x0, eps, plan)
+            # fp32 rounding only (velocities are fp32; 1 / (1 - sigma) <= 10 here): the test_direct_align.py
+            # formulas at 1e-12 in float64, and the adapter passes the model's velocity through unchanged.
             torch.testing.assert_close(x0_hat, x0, rtol=0, atol=1e-5)
 
 
@@ -333,29 +352,36 @@ def learned(tiny_qwen_world, tmp_path_factory):
     """30 single-process Learner steps of the tiny Qwen-Image preset (the authors' recipe: relative_discount,
     2 injections, rollout CFG 4, branch without CFG), at lr 3e-3 and at lr 0; the held-out SRP reward of
     full rollouts before and after each, as tests/test_trainer.py measures FLUX."""
+    threads = torch.get_num_threads()
+    # One thread: on a shared 2-core host, two OpenMP threads competing with other processes ran these
+    # steps 20x slower (measured 77 s against 4 s); the numbers do not depend on it.
+    torch.set_num_threads(1)
+    try:
+        return {lr: _learn(tiny_qwen_world, tmp_path_factory.mktemp(f"learn-{lr}"), lr) for lr in (3e-3, 0.0)}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _learn(world: dict[str, str], tmp: Path, lr: float) -> dict:
     from pipeline.checkpoint import LocalCheckpoints
     from pipeline.data import read_prompts
     from pipeline.gold import heldout_srp_reward
     from pipeline.learner import build_learner
     from pipeline.sources import InProcessSource
 
-    out = {}
-    for lr in (3e-3, 0.0):
-        tmp = tmp_path_factory.mktemp(f"learn-{lr}")
-        cfg = load_config(PRESET, qwen_overrides(tiny_qwen_world, tmp / "run") + [
-            "learner.num_workers=0", f"optim.lr={lr}", "train.max_steps=30"])
-        learner = build_learner(cfg, InProcessSource(cfg), LocalCheckpoints(tmp / "ckpt", 1), device=torch.device("cpu"))
-        held = read_prompts(cfg.data.heldout_prompts)
-        cond = load_adapter("qwen_image", cfg.model.path, "cpu", MAX_SEQ, load_transformer=False).encode_prompts(held)
+    cfg = load_config(PRESET, qwen_overrides(world, tmp / "run") + [
+        "learner.num_workers=0", f"optim.lr={lr}", "train.max_steps=30"])
+    learner = build_learner(cfg, InProcessSource(cfg), LocalCheckpoints(tmp / "ckpt", 1), device=torch.device("cpu"))
+    held = read_prompts(cfg.data.heldout_prompts)
+    cond = load_adapter("qwen_image", cfg.model.path, "cpu", MAX_SEQ, load_transformer=False).encode_prompts(held)
 
-        def reward() -> float:
-            return heldout_srp_reward(cfg, learner.adapter, learner.engine.transformer,
-                                      learner.objective.reward_model, cond, held, seed=HELDOUT_SEED)
+    def reward() -> float:
+        return heldout_srp_reward(cfg, learner.adapter, learner.engine.transformer, learner.objective.reward_model,
+                                  cond, held, seed=HELDOUT_SEED)
 
-        before = reward()
-        learner.run()
-        out[lr] = {"before": before, "after": reward(), "learner": learner, "cfg": cfg}
-    return out
+    before = reward()
+    learner.run()
+    return {"before": before, "after": reward(), "learner": learner, "cfg": cfg}
 
 
 def test_learning_signal_heldout_reward_rises_and_lr_zero_stays(learned):

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.direct_align import plan_branches
 from pipeline.objective import RewardRequest, relay_surrogate
-from pipeline.srpo_step import StepBatch, request_for, srpo_backward, srpo_step
+from pipeline.srpo_step import SRPOStep, StepBatch, request_for, srpo_backward, srpo_step
 from helpers import StepHarness as SRPOTrainer
 
 
@@ -130,6 +130,10 @@ def test_denoise_only_and_relative_discount_variants(tiny_cfg):
     discount = 3 * 0.5 / (1 + 2 * 0.5)  # shift(linspace(0, 1, 1001))[500] = shift(0.5)
     assert b["reward"] == pytest.approx((b["pos_score"] - b["neg_score"]) * discount, rel=1e-5)
     assert b["loss"] == pytest.approx(-b["reward"], rel=1e-5)
+    # The discount's shift is srpo.discount_shift (the authors' 3), not the rollout's (1 for Qwen-Image).
+    cfg = tiny_cfg("srpo.variant=relative_discount", "rollout.shift=1.0")
+    assert SRPOStep.from_config(cfg, tr.adapter, None, tr.objective).shift == 3.0
+    assert SRPOStep.from_config(tiny_cfg("srpo.discount_shift=2.0"), tr.adapter, None, tr.objective).shift == 2.0
 
 
 def test_reward_aggregation_runs_every_injection(tiny_cfg):

@@ -137,6 +137,9 @@ def test_runs_in_two_folders_and_their_evaluation_share_one_store(tiny_overrides
     assert tags[eval_id]["mlflow.parentRunId"] == run_a["run_id"]
     assert tags[eval_id]["srpo.step"] == "1"
     assert tags[eval_id]["srpo.weights_file"].endswith(WEIGHTS)
+    # --no-base: the trained weights' scores only, no base model sampled.
+    evaluation = mlflow.MlflowClient(f"sqlite:///{store}").get_run(eval_id).data.metrics
+    assert sorted(evaluation) == ["eval/clip/mean"]
     steps = [m.step for m in mlflow.MlflowClient(f"sqlite:///{store}").get_metric_history(run_a["run_id"], "loss")]
     assert steps == [0, 1]  # the resumed step went to the recorded store, same run
 

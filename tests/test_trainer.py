@@ -1,4 +1,6 @@
 """The Learner learns on the tiny preset (single process), and the `srpo train` job logs a complete run."""
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import LocalCheckpoints
+from pipeline.config import load_config
 from pipeline.data import read_prompts
 from pipeline.gold import heldout_srp_reward
 from pipeline.learner import build_learner
@@ -60,6 +63,15 @@ def test_train_job_end_to_end(tiny_overrides, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     weights = out / "transformer" / "diffusion_pytorch_model.safetensors"
     assert weights.is_file()
+    # The console: one line per step with loss, reward, policy lag, step time and ETA.
+    steps = re.findall(r"^\[srpo\] step (\d+)/3 loss -?\d+\.\d{4} reward\(denoise\) -?\d+\.\d{4} lag 0 "
+                       r"\d+\.\ds/step eta \d+s$", proc.stdout, flags=re.M)
+    assert steps == ["1", "2", "3"], proc.stdout[-3000:]
+    # Without Ray: the preset's actor placements are run in this process (and said so), no cluster starts.
+    assert ("[srpo] learner.num_workers=0: rollout and reward run in this process (rollout.placement=actors, "
+            "reward.placement=remote apply to Ray runs)") in proc.stdout
+    assert "Ray instance" not in proc.stdout + proc.stderr
+    assert json.loads((out / "run.json").read_text())["ray_run_name"] is None
 
     import mlflow
     from safetensors.torch import load_file
@@ -69,8 +81,16 @@ def test_train_job_end_to_end(tiny_overrides, tmp_path):
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr"] == "0.003" and run.data.params["srpo.train_timestep"] == "[5, 25]"
-    for key in ("loss", "grad_norm", "lr", "denoise/reward", "inversion/reward", "denoise/pos_score",
-                "denoise/neg_score", "denoise/k", "time/rollout_s"):
+    # Every config field is a param; the provenance tags.
+    assert set(run.data.params) == set(load_config(REPO / "configs/tiny.yaml", overrides).flat())
+    assert run.data.tags["srpo.code_version"] and run.data.tags["srpo.model_path"] == tiny_overrides[1].split("=", 1)[1]
+    assert run.data.tags["srpo.reward"] == f"hpsv2:{tiny_overrides[2].split('=', 1)[1]}"
+    # The README's per-step metrics (those of rollout actors and reward actors aside: none in one process).
+    branch = [f"{b}/{k}" for b in ("denoise", "inversion")
+              for k in ("loss", "reward", "pos_score", "neg_score", "k", "sigma_from", "sigma_to", "level")]
+    for key in ("loss", "grad_norm", "lr", "samples_per_s", "time/step_wall_s", *branch, "rollout/reward",
+                "rollout/pos_score", "rollout/neg_score", "time/rollout_wait_s", "time/rollout_s", "time/learner_s",
+                "time/reward_wait_s", "policy_lag/max", "policy_lag/mean"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 3, key
     # The exported state dict loads into the diffusers transformer of the tiny folder.
     from diffusers import FluxTransformer2DModel

@@ -62,8 +62,9 @@ NEGATIVE_PROMPT = ""
 class QwenConditioning:
     """Frozen Qwen2.5-VL outputs of a batch of prompts and of the negative prompt (one row per prompt).
 
-    Trimmed to the batch's longest prompt (padding rows are zeros, their mask 0), as the pipeline pads;
-    ``padded_length`` is the fixed length of :meth:`QwenImageAdapter.conditioning_to_arrays`.
+    Trimmed to the batch's longest prompt (padding positions are zeros, their mask 0), as the pipeline
+    pads; ``padded_length`` is the fixed length of :meth:`QwenImageAdapter.conditioning_to_arrays`.
+    Build with :meth:`build`, which also notes whether any row is padded (no device sync per call).
     """
 
     prompt_embeds: Tensor  # [B, L, d]
@@ -71,21 +72,24 @@ class QwenConditioning:
     negative_embeds: Tensor  # [B, Ln, d]
     negative_mask: Tensor  # [B, Ln] int64
     padded_length: int
+    prompt_padded: bool = True
+    negative_padded: bool = True
 
     @staticmethod
     def build(embeds: Tensor, mask: Tensor, neg_embeds: Tensor, neg_mask: Tensor,
               padded_length: int) -> "QwenConditioning":
-        """Trimmed to the longest real row of each part (the transformer output does not depend on it)."""
-        embeds, mask = _trim(embeds, mask)
-        neg_embeds, neg_mask = _trim(neg_embeds, neg_mask)
-        return QwenConditioning(embeds, mask, neg_embeds, neg_mask, int(padded_length))
+        """Each part trimmed to its longest real row (the transformer's output does not depend on padding)."""
+        embeds, mask, padded = _trim(embeds, mask)
+        neg_embeds, neg_mask, neg_padded = _trim(neg_embeds, neg_mask)
+        return QwenConditioning(embeds, mask, neg_embeds, neg_mask, int(padded_length), padded, neg_padded)
 
     def __len__(self) -> int:
         return int(self.prompt_embeds.shape[0])
 
     def to(self, device: torch.device) -> "QwenConditioning":
         return QwenConditioning(self.prompt_embeds.to(device), self.prompt_mask.to(device),
-                                self.negative_embeds.to(device), self.negative_mask.to(device), self.padded_length)
+                                self.negative_embeds.to(device), self.negative_mask.to(device), self.padded_length,
+                                self.prompt_padded, self.negative_padded)
 
     def select(self, index: slice | list[int]) -> "QwenConditioning":
         return QwenConditioning.build(self.prompt_embeds[index], self.prompt_mask[index], self.negative_embeds[index],
@@ -94,14 +98,18 @@ class QwenConditioning:
     def text(self, negative: bool = False) -> tuple[Tensor, Tensor | None]:
         """(embeds, mask) as the transformer takes them: mask None when no row has padding (the pipeline's
         ``encode_prompt`` drops an all-ones mask)."""
-        embeds, mask = ((self.negative_embeds, self.negative_mask) if negative
-                        else (self.prompt_embeds, self.prompt_mask))
-        return embeds, (None if bool(mask.all()) else mask)
+        if negative:
+            return self.negative_embeds, (self.negative_mask if self.negative_padded else None)
+        return self.prompt_embeds, (self.prompt_mask if self.prompt_padded else None)
 
 
-def _trim(embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    n = max(int(mask.sum(dim=1).max()), 1) if mask.numel() else embeds.shape[1]
-    return embeds[:, :n], mask[:, :n]
+def _trim(embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """(embeds, mask) cut to the longest real row, and whether a row is still padded."""
+    if not mask.numel():
+        return embeds, mask, False
+    lengths = mask.sum(dim=1)
+    n = max(int(lengths.max()), 1)
+    return embeds[:, :n], mask[:, :n], bool((lengths < n).any())
 
 
 def _pad(t: Tensor, length: int) -> Tensor:

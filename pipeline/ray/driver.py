@@ -3,7 +3,8 @@
     connect_ray          local cluster (127.0.0.1) or RAY_ADDRESS
     MLflow run           params, config, tags (the driver owns the run; rank 0 logs into it)
     WeightStore          rollout.placement=actors only
-    reward actors        reward.placement=remote only (gradient relay)
+    reward workers       per training reward: remote = a fixed actor pool, serve = a Serve deployment
+                         (autoscaled; reward.service: shared by runs), colocated = none (gradient relay)
     offline scan         rollout.mode=offline: every image decoded once; skips counted and logged
     build_dataset        prompts -> text embeddings -> [rollout actors]  |  images -> VAE -> text embeddings
                          (a callable: Ray Train rebuilds it from the restored step after a restart)
@@ -27,9 +28,10 @@ from ray.util.state import list_actors
 
 from actors.learner import train_loop_per_worker
 from actors.reward import start_reward_actors
+from actors.reward_serve import delete_apps, deploy_reward, start_serve
 from actors.weights import WeightStore
 from pipeline.checkpoint import ray_snapshot_step
-from pipeline.config import Config, absolute_paths
+from pipeline.config import Config, absolute_paths, reward_entries
 from pipeline.embeddings import check_compatible
 from pipeline.learner import EXPORT_NAME
 from pipeline.ray.images import scan_images as scan_images_ray
@@ -96,8 +98,11 @@ def required_cpus(cfg: Config) -> float:
     n = cfg.learner.num_workers * cfg.learner.num_cpus + cfg.rollout.num_cpus
     if cfg.rollout.mode == "offline" or cfg.rollout.placement == "actors":
         n += cfg.rollout.num_actors * cfg.rollout.num_cpus
-    if cfg.reward.placement == "remote":
-        n += cfg.reward.num_actors * cfg.reward.num_cpus
+    for _, r in reward_entries(cfg):
+        if r.placement == "remote":
+            n += r.num_actors * r.num_cpus
+        elif r.placement == "serve":  # room for the largest deployment
+            n += r.autoscaling.max_replicas * r.num_cpus
     return n
 
 
@@ -114,16 +119,29 @@ def _dataset_factory(cfg: Config, store, storage: str, ray_run_name: str, images
     return make
 
 
-def _start_actors(cfg: Config, loop_config: dict[str, Any]) -> list[Any]:
-    """The weight store (rollout actors) and the reward actors (gradient relay), when configured."""
+def _start_actors(cfg: Config, loop_config: dict[str, Any], run_tag: str) -> tuple[list[Any], list[str]]:
+    """The weight store (rollout actors) and every training reward's workers: actors of the Ray actors
+    to kill at the end, and the Serve applications this run owns (a shared service is left running).
+    ``loop_config["reward_workers"]``: per reward, None (colocated), its actor handles, or its app name."""
     actors: list[Any] = []
     if cfg.rollout.mode == "online" and cfg.rollout.placement == "actors":
         loop_config["store"] = ray.remote(WeightStore).options(num_cpus=0, max_restarts=0).remote()
         actors.append(loop_config["store"])
-    if cfg.reward.placement == "remote":
-        loop_config["reward_actors"] = start_reward_actors(cfg)
-        actors.extend(loop_config["reward_actors"])
-    return actors
+    workers: list[Any] = []
+    apps: list[str] = []
+    for where, r in reward_entries(cfg):
+        if r.placement == "remote":
+            workers.append(start_reward_actors(cfg, r))
+            actors.extend(workers[-1])
+        elif r.placement == "serve":
+            start_serve()
+            name, owned = deploy_reward(cfg, r, where, run_tag)
+            workers.append(name)
+            apps.extend([name] if owned else [])
+        else:
+            workers.append(None)
+    loop_config["reward_workers"] = workers
+    return actors, apps
 
 
 def _trainer(cfg: Config, loop_config: dict[str, Any], storage: str, ray_run_name: str, images) -> TorchTrainer:
@@ -152,7 +170,7 @@ def run_ray(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     connect_ray(num_cpus=int(max(8, required_cpus(cfg) + 2)))
     run = open_run(cfg, previous, ray_run=True)
     ray_run_name, storage = run.info["ray_run_name"], run.info["storage_path"]
-    status, actors = "FAILED", []
+    status, actors, apps = "FAILED", [], []
     try:
         images = None
         if cfg.rollout.mode == "offline":
@@ -163,7 +181,7 @@ def run_ray(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             "cfg": cfg.to_dict(), "mlflow_run_id": run.tracker.run_id, "tracking_uri": run.info["tracking_uri"],
             "fault": {k: v for k, v in os.environ.items() if k.startswith("SRPO_FAULT_")},
         }
-        actors = _start_actors(cfg, loop_config)
+        actors, apps = _start_actors(cfg, loop_config, run.tracker.run_id[:8])
         result = _trainer(cfg, loop_config, storage, ray_run_name, images).fit()
         _wait_for_train_cleanup()
         status = "FINISHED"
@@ -172,6 +190,7 @@ def run_ray(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
                 "checkpoint": result.checkpoint.path if result.checkpoint else None}
     finally:
         close_run(run, status)
+        delete_apps(apps)
         for a in actors:
             try:
                 ray.kill(a)
