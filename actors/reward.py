@@ -122,8 +122,8 @@ def start_reward_actors(cfg: Config, entry: RewardConfig | None = None) -> list[
     makes Ray re-run the requests that were lost with the old process.
     """
     r = cfg.reward if entry is None else entry
-    cls = ray.remote(RewardWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=-1,
-                                           max_task_retries=-1, runtime_env=r.runtime_env or None)
+    cls = ray.remote(RewardWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=r.resources or None,
+                                           max_restarts=-1, max_task_retries=-1, runtime_env=r.runtime_env or None)
     kw = worker_kwargs(cfg, r)
     return [cls.remote(**kw) for _ in range(r.num_actors)]
 

@@ -113,6 +113,8 @@ def reward_app(cfg: Config, r: RewardConfig, worker_cls: type = RewardWorker):
     """The bound Serve application of one training reward: autoscaling and per-replica resources from
     the config, and the reward's own runtime_env."""
     actor_options: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+    if r.resources:
+        actor_options["resources"] = dict(r.resources)
     if r.runtime_env:
         actor_options["runtime_env"] = r.runtime_env
     deployment = serve.deployment(RewardReplica, name=DEPLOYMENT).options(

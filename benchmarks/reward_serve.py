@@ -1,6 +1,6 @@
 """Reward-bound throughput of a reward deployment on Ray Serve: 1, 2 and 4 replicas, and autoscaling 1 -> 4.
 
-    python benchmarks/reward_serve.py [--sleep 0.5] [--clients 8] [--requests 48] [--max-ongoing 2]
+    python benchmarks/reward_serve.py [--sleep 0.5] [--clients 8] [--requests 48] [--max-ongoing 1]
                                       [--out benchmarks/results/reward_serve.json]
 
 The reward is tests/sleepy_reward.py: the tiny world's real HPS reward (decode with the frozen VAE,
@@ -11,12 +11,13 @@ no CPU: the figures measure how Serve spreads requests over replicas, not this h
 requests are answered; every answer is checked against the same request scored in this process.
 
 Configurations (``reward.placement=serve``, half a CPU per replica, ``reward.max_ongoing_requests`` =
-``--max-ongoing``, 2 by default: one request computing and one waiting in each replica):
+``--max-ongoing``, 1 by default as in the config):
     fixed-1, fixed-2, fixed-4   min_replicas = max_replicas = N
     autoscale-1-4               min 1, max 4, target_ongoing_requests 1, upscale_delay_s 1,
                                 downscale_delay_s 5, metrics every 0.5 s over 2 s; 2x the requests
-Measured: requests/s over the whole configuration (first submit to last answer) and its ratio to
-fixed-1; for autoscaling also the replica count over time and the requests/s once it reached 4.
+Measured: requests/s over the whole configuration (first submit to last answer), its ratio to fixed-1
+and to an ideal replica that never idles (1 / (sleep + the request's compute time on one thread,
+measured here)); for autoscaling also the replica count over time and the requests/s once it had 4.
 Writes the JSON and a PNG plot beside it (``--out`` with .png).
 """
 from __future__ import annotations
@@ -60,14 +61,22 @@ def configurations(requests: int) -> dict[str, tuple[AutoscalingConfig, int]]:
     return {**fixed, "autoscale-1-4": (auto, 2 * requests)}
 
 
-def relay_inputs(cfg) -> tuple[torch.Tensor, Any, torch.Tensor]:
-    """One branch's detached x0_hat [2, L, C] and request, and the dLoss/dx0_hat this process computes."""
+def relay_inputs(cfg) -> tuple[tuple[torch.Tensor, Any, torch.Tensor], float]:
+    """One branch's detached x0_hat [2, L, C] and request, the dLoss/dx0_hat this process computes, and
+    the median seconds of that computation on one thread (what a replica adds to its sleep)."""
     worker = RewardWorker.from_config(cfg)
     x0_hat = worker.adapter.sample_noise(2, cfg.data.resolution, torch.Generator().manual_seed(0))
     plan = plan_branches(grid_from_config(cfg.srpo, cfg.rollout.shift), [300, 700], "Detail", "Anime")[0]
     req = request_for(plan, ["a cat", "a dog"], cfg.srpo)
-    grad, _ = worker.loss_grad(x0_hat, req)
-    return x0_hat, req, grad
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        grad, _ = worker.loss_grad(x0_hat, req)
+        times.append(time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    return (x0_hat, req, grad), sorted(times)[len(times) // 2]
 
 
 def measure(name: str, cfg, autoscaling: AutoscalingConfig, requests: int, clients: int, sleep_s: float,
@@ -145,6 +154,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax1.axhline(goal, ls=":", color="k", lw=0.8)
         ax1.text(-0.45, goal, n, fontsize=7, va="bottom")
     ax1.set_ylabel("throughput vs 1 replica")
+    ax1.set_ylim(0, 1.2 * max(r["speedup_vs_fixed_1"] for r in runs))
     ax1.set_title(f"sleeping reward ({report['sleep_s']} s/request), {report['clients']} clients, "
                   f"max_ongoing_requests {report['max_ongoing_requests']}", fontsize=9)
     auto = next(r for r in runs if r["name"] == "autoscale-1-4")
@@ -165,7 +175,7 @@ def main() -> int:
     p.add_argument("--sleep", type=float, default=0.5, help="seconds each reward request sleeps")
     p.add_argument("--clients", type=int, default=8, help="concurrent learner-like clients")
     p.add_argument("--requests", type=int, default=48, help="requests per fixed configuration")
-    p.add_argument("--max-ongoing", type=int, default=2, help="reward.max_ongoing_requests of every replica")
+    p.add_argument("--max-ongoing", type=int, default=1, help="reward.max_ongoing_requests of every replica")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/reward_serve.json"))
     args = p.parse_args()
     world = make_tiny_world(REPO / ".cache" / "bench" / "world-tiny", seed=0)
@@ -174,15 +184,16 @@ def main() -> int:
         "tiny.enabled=false", "train.device=cpu", "reward.placement=serve"])
     connect_ray(num_cpus=8)
     start_serve()
-    inputs = relay_inputs(cfg)
+    inputs, compute_s = relay_inputs(cfg)
     runs = [measure(name, cfg, auto, n, args.clients, args.sleep, args.max_ongoing, inputs)
             for name, (auto, n) in configurations(args.requests).items()]
-    serve.shutdown()
-    ray.shutdown()
     base = runs[0]["requests_per_s"]
+    ideal = 1.0 / (args.sleep + compute_s)  # one replica that never idles between requests
     for r in runs:
         r["speedup_vs_fixed_1"] = r["requests_per_s"] / base
+        r["speedup_vs_ideal_1"] = r["requests_per_s"] / ideal
     report = {"command": " ".join(sys.argv), "sleep_s": args.sleep, "clients": args.clients,
+              "compute_s_per_request": compute_s, "ideal_one_replica_per_s": ideal,
               "max_ongoing_requests": args.max_ongoing, "runs": runs,
               "goal": {"fixed-2": 1.8, "fixed-4": 3.2},
               "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
@@ -193,10 +204,13 @@ def main() -> int:
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(out)
     plot(report, out.with_suffix(".png"))
+    # Written first: the handles' background threads may reconnect, and fail, during a shutdown.
+    ray.shutdown()
     for r in runs:
         extra = (f"  at 4 replicas {r['requests_per_s_at_max_replicas']:.2f}/s after {r['seconds_to_max_replicas']:.1f} s"
                  if "requests_per_s_at_max_replicas" in r else "")
-        print(f"{r['name']:>14}: {r['requests_per_s']:.2f} requests/s  x{r['speedup_vs_fixed_1']:.2f}  "
+        print(f"{r['name']:>14}: {r['requests_per_s']:.2f} requests/s  x{r['speedup_vs_fixed_1']:.2f} "
+              f"(x{r['speedup_vs_ideal_1']:.2f} of an ideal replica)  "
               f"wrong gradients {r['mismatched_gradients']}  (load before {r['loadavg_before']:.1f}){extra}")
     return 0
 

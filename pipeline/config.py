@@ -154,10 +154,13 @@ class RewardConfig:
     num_actors: int = 2  # placement=remote
     num_cpus: float = 1.0  # per reward actor or Serve replica
     num_gpus: float = 0.0  # per reward actor or Serve replica; fractions share a GPU (0.25 = 4 per GPU)
-    # placement=serve: requests a replica accepts at once. It computes one at a time; the next waits
-    # in the replica, ready to start, instead of in the caller's router, whose retries back off for up
-    # to 0.5 s (Ray 2.60) while the replica idles. More spreads less evenly over new replicas.
-    max_ongoing_requests: int = 2
+    # Custom Ray resources per actor or replica, e.g. {reward_node: 1} to place them on a node type
+    # that offers that resource (docs/rewards.md, "Pending replicas bring nodes").
+    resources: dict[str, float] = field(default_factory=dict)
+    # placement=serve: requests a replica accepts at once; it computes one at a time, the others wait in
+    # it. 1 keeps the queue in the callers, where Serve's autoscaler counts it (with 2, Ray 2.60 did not
+    # scale up under 8 clients: docs/rewards.md).
+    max_ongoing_requests: int = 1
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     # placement=serve: the name of a Serve application shared by several runs on one cluster; the
     # first run deploys it, later runs attach ("" = a deployment of this run alone, deleted at its end).
@@ -608,6 +611,8 @@ def _validate_reward(r: RewardConfig, where: str) -> None:
     _require(r.num_actors >= 1, f"{where}.num_actors", f"got {r.num_actors}, expected >= 1")
     _require(r.num_cpus >= 0, f"{where}.num_cpus", f"got {r.num_cpus}, expected >= 0")
     _require(r.num_gpus >= 0, f"{where}.num_gpus", f"got {r.num_gpus}, expected >= 0 (fractions share a GPU)")
+    _require(all(v >= 0 for v in r.resources.values()), f"{where}.resources",
+             f"got {r.resources}, expected non-negative amounts")
     _require(r.weight > 0, f"{where}.weight", f"got {r.weight}, expected > 0")
     _require(r.scale > 0, f"{where}.scale", f"got {r.scale}, expected > 0")
     _require(r.name == "" or _SERVICE_NAME.fullmatch(r.name) is not None, f"{where}.name",

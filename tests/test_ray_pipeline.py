@@ -20,7 +20,7 @@ FULL = ("learner.num_workers=2", "learner.strategy=fsdp2", "rollout.placement=ac
         "rollout.max_staleness=0")
 STEPS = 6
 
-EXPECTED_METRICS = [  # the README's MLflow section (time/weight_broadcast_s: rollout.weight_sync=broadcast only)
+EXPECTED_METRICS = [  # docs/tracking.md (time/weight_broadcast_s: rollout.weight_sync=broadcast only)
     "loss", "grad_norm", "lr", "samples_per_s",
     *(f"{branch}/{key}" for branch in ("denoise", "inversion")
       for key in ("loss", "reward", "pos_score", "neg_score", "k", "sigma_from", "sigma_to", "level")),

@@ -85,7 +85,7 @@ def test_train_job_end_to_end(tiny_overrides, tmp_path):
     assert set(run.data.params) == set(load_config(REPO / "configs/tiny.yaml", overrides).flat())
     assert run.data.tags["srpo.code_version"] and run.data.tags["srpo.model_path"] == tiny_overrides[1].split("=", 1)[1]
     assert run.data.tags["srpo.reward"] == f"hpsv2:{tiny_overrides[2].split('=', 1)[1]}"
-    # The README's per-step metrics (those of rollout actors and reward actors aside: none in one process).
+    # The per-step metrics of docs/tracking.md (those of rollout actors and reward actors aside: none in one process).
     branch = [f"{b}/{k}" for b in ("denoise", "inversion")
               for k in ("loss", "reward", "pos_score", "neg_score", "k", "sigma_from", "sigma_to", "level")]
     for key in ("loss", "grad_norm", "lr", "samples_per_s", "time/step_wall_s", *branch, "rollout/reward",
