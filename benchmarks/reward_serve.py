@@ -18,7 +18,8 @@ Configurations (``reward.placement=serve``, half a CPU per replica, ``reward.max
 Measured: requests/s over the whole configuration (first submit to last answer), its ratio to fixed-1
 and to an ideal replica that never idles (1 / (sleep + the request's compute time on one thread,
 measured here)); for autoscaling also the replica count over time and the requests/s once it had 4.
-Writes the JSON and a PNG plot beside it (``--out`` with .png).
+Each configuration runs on a fresh local cluster. Writes the JSON and a PNG plot beside it
+(``--out`` with .png).
 """
 from __future__ import annotations
 
@@ -182,11 +183,15 @@ def main() -> int:
     cfg = load_config(REPO / "configs/tiny.yaml", [
         f"model.path={world['flux']}", f"reward.path={world['hps_checkpoint']}", f"reward.arch={world['hps_arch']}",
         "tiny.enabled=false", "train.device=cpu", "reward.placement=serve"])
-    connect_ray(num_cpus=8)
-    start_serve()
     inputs, compute_s = relay_inputs(cfg)
-    runs = [measure(name, cfg, auto, n, args.clients, args.sleep, args.max_ongoing, inputs)
-            for name, (auto, n) in configurations(args.requests).items()]
+    runs = []
+    for name, (auto, n) in configurations(args.requests).items():
+        # A fresh local cluster per configuration: no handle, router or replica of an earlier one is
+        # left (after three deployments in one process, Ray 2.60 did not scale the fourth up).
+        connect_ray(num_cpus=8)
+        start_serve()
+        runs.append(measure(name, cfg, auto, n, args.clients, args.sleep, args.max_ongoing, inputs))
+        ray.shutdown()
     base = runs[0]["requests_per_s"]
     ideal = 1.0 / (args.sleep + compute_s)  # one replica that never idles between requests
     for r in runs:
@@ -204,8 +209,6 @@ def main() -> int:
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(out)
     plot(report, out.with_suffix(".png"))
-    # Written first: the handles' background threads may reconnect, and fail, during a shutdown.
-    ray.shutdown()
     for r in runs:
         extra = (f"  at 4 replicas {r['requests_per_s_at_max_replicas']:.2f}/s after {r['seconds_to_max_replicas']:.1f} s"
                  if "requests_per_s_at_max_replicas" in r else "")

@@ -64,6 +64,18 @@ SYSTEM_METRICS_TAG = "srpo.system_metrics"  # "true": the process that trains sa
 DIGEST_CHARS = 16  # MLflow stores dataset digests of at most 36 characters
 
 
+def _log_input(dataset: Any, context: str) -> None:
+    """``mlflow.log_input``, once more if another run inserted the same dataset in between: MLflow's SQL
+    store looks a dataset up, then inserts it, so two runs of a sweep starting together on one store
+    race on the insert (UNIQUE constraint failed: datasets...); the second try finds the row."""
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as e:
+        if "UNIQUE constraint" not in str(e) and "IntegrityError" not in str(e):
+            raise
+        mlflow.log_input(dataset, context=context)
+
+
 def default_run_name(cfg: Config) -> str:
     """``<reward>-<variant>-lr<lr>``, e.g. ``hpsv2-reference-lr1e-05``: what tells runs apart in the UI."""
     rewards = "+".join(reward_name(r) for _, r in reward_entries(cfg))
@@ -230,7 +242,7 @@ class MLflowRun:
             SYSTEM_METRICS_TAG: str(system_metrics_wanted(cfg)).lower(),
         })
         for dataset, context in datasets:
-            mlflow.log_input(dataset, context=context)
+            _log_input(dataset, context)
         mlflow.log_text(cfg.to_yaml(), "config.yaml")
 
     def _continue(self, cfg: Config | None, run_id: str) -> None:

@@ -393,6 +393,9 @@ def test_two_runs_share_a_service_across_scaling_and_a_killed_replica(serve_on, 
     flood.start(handle)
 
     def holding(step: int) -> bool:
+        for key, val in started["out"].items():  # a run that failed early will never get there
+            if isinstance(val, BaseException):
+                raise AssertionError(f"run {key} failed") from val
         return len(list(tmp_path.glob(f"hold.{step}.waiting.*"))) == len(LRS)
 
     _wait_for("both runs to reach step 2", lambda: holding(2))
