@@ -95,10 +95,17 @@ class RewardReplica:
         return dict(self.kwargs)
 
 
+# Serve's client is not thread-safe in Ray 2.60: building a deployment registers and unregisters a
+# module for pickling by value, process-wide, and two runs started from threads of one process (a
+# sweep in a notebook, the shared-service test) failed on it. Deployments are made one at a time.
+_CLIENT = threading.Lock()
+
+
 def start_serve() -> None:
     """Serve on the connected cluster without proxies (no HTTP/gRPC ingress); a Serve that already
     runs (started by an earlier run, or by the user with HTTP on purpose) is used as it is."""
-    serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
+    with _CLIENT:
+        serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
 
 
 def autoscaling_config(r: RewardConfig) -> dict[str, Any]:
@@ -148,13 +155,15 @@ def deploy_reward(cfg: Config, r: RewardConfig, where: str, run_tag: str | None 
     naming ``<where>.service``.
     """
     name = app_name(r, run_tag or uuid.uuid4().hex[:8])
-    app = reward_app(cfg, r, worker_cls)
-    if not r.service:
-        serve.run(app, name=name, route_prefix=None)
-        return name, True
-    deployer = ray.remote(ServiceDeployer).options(name="srpo-service-deployer", namespace="srpo",
-                                                   lifetime="detached", get_if_exists=True, num_cpus=0)
-    if not ray.get(deployer.remote().deploy_if_absent.remote(name, app)):
+    with _CLIENT:
+        app = reward_app(cfg, r, worker_cls)
+        if not r.service:
+            serve.run(app, name=name, route_prefix=None)
+            return name, True
+        deployer = ray.remote(ServiceDeployer).options(name="srpo-service-deployer", namespace="srpo",
+                                                       lifetime="detached", get_if_exists=True, num_cpus=0)
+        deployed = ray.get(deployer.remote().deploy_if_absent.remote(name, app))
+    if not deployed:
         check_service(cfg, r, where, serve.get_app_handle(name))
     return name, False
 

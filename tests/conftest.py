@@ -37,10 +37,18 @@ def tiny_qwen_world(tiny_world) -> dict[str, str]:
     return make_tiny_world(Path(tiny_world["flux"]).parent, seed=0, families=("qwen_image",))
 
 
+def tiny_scorers(w: dict[str, str]) -> str:
+    """An eval.scorers override naming every reward model of the tiny world ``w`` (configs/tiny.yaml names
+    the ones `srpo make-tiny` writes under .cache/srpo-tiny, which a clean clone does not have)."""
+    return (f"eval.scorers=[{{kind: hpsv2, path: {w['hps_checkpoint']}, arch: {w['hps_arch']}}}, "
+            f"{{kind: pickscore, path: {w['pickscore']}}}, {{kind: clip, path: {w['clip']}}}, "
+            f"{{kind: aesthetic, path: {w['aesthetic']}, clip_path: {w['clip']}}}]")
+
+
 def world_overrides(tiny_world: dict[str, str], out_dir: Path) -> list[str]:
     """Overrides that point configs/tiny.yaml at a tiny world and an output dir."""
     root = Path(tiny_world["flux"]).parent
-    return [
+    return [tiny_scorers(tiny_world),
         f"tiny.dir={root}", f"model.path={tiny_world['flux']}",
         f"reward.path={tiny_world['hps_checkpoint']}", f"reward.arch={tiny_world['hps_arch']}",
         f"data.prompts={REPO / 'configs/prompts/tiny_train.txt'}",
