@@ -145,7 +145,8 @@ def reward_objective(cfg: Config, workers: list[Any], device: torch.device) -> R
         else:
             vae = vae or load_adapter(cfg.model.family, cfg.model.path, device, load_text_encoders=False,
                                       load_transformer=False)
-            objectives.append(ColocatedReward(vae, reward_model_from_config(r, device), cfg.data.resolution))
+            objectives.append(ColocatedReward(vae, reward_model_from_config(r, device), cfg.data.resolution,
+                                              r.image_norm))
     return combine(entries, objectives)
 
 

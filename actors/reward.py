@@ -60,7 +60,7 @@ class RewardWorker:
 
     def __init__(self, model_family: str, model_path: str, reward_kind: str, reward_path: str,
                  reward_arch: str | None, tokenizer_path: str | None, resolution: int,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", image_norm: str = "clamp") -> None:
         # "auto" is resolved here, inside the actor, where Ray has set the visible GPUs.
         self.device = resolve_device(device)
         # Only the VAE: the transformer and the text encoders stay with the learner / rollout.
@@ -68,8 +68,9 @@ class RewardWorker:
                                     load_text_encoders=False, load_transformer=False)
         self.reward_model = load_reward_model(reward_kind, reward_path, arch=reward_arch or None,
                                               tokenizer_path=tokenizer_path or None, device=self.device)
-        self.resolution = resolution
-        self.objective = ColocatedReward(self.adapter, self.reward_model, resolution)
+        self.resolution, self.image_norm = resolution, image_norm
+        # The colocated objective itself: relay == colocated holds by construction, image_norm included.
+        self.objective = ColocatedReward(self.adapter, self.reward_model, resolution, image_norm)
         self.requests_served = 0
 
     @classmethod
@@ -91,7 +92,7 @@ class RewardWorker:
         """Batch means of the SRP reward (``form`` = srpo.srp_form) and the pos / neg scores of
         decoded packed latents [B, L, C]."""
         self.requests_served += 1
-        images = self.adapter.decode(latents.to(self.device, torch.float32), self.resolution)
+        images = self.adapter.decode(latents.to(self.device, torch.float32), self.resolution, self.image_norm)
         srp = semantic_relative_preference(self.reward_model, images, captions, pos_word, neg_word, float(k),
                                            form=form)
         return {"reward": float(srp.reward.mean()), "pos_score": float(srp.pos_score.mean()),
@@ -111,7 +112,7 @@ def worker_kwargs(cfg: Config, entry: RewardConfig | None = None) -> dict[str, A
     r = cfg.reward if entry is None else entry
     return dict(model_family=cfg.model.family, model_path=cfg.model.path, reward_kind=r.kind,
                 reward_path=r.path, reward_arch=r.arch or None, tokenizer_path=r.tokenizer_path or None,
-                resolution=cfg.data.resolution, device="auto" if r.num_gpus > 0 else "cpu")
+                resolution=cfg.data.resolution, device="auto" if r.num_gpus > 0 else "cpu", image_norm=r.image_norm)
 
 
 def start_reward_actors(cfg: Config, entry: RewardConfig | None = None) -> list[ActorHandle]:

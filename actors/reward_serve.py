@@ -34,7 +34,7 @@ import uuid
 from typing import Any
 
 import ray
-from ray import serve
+from ray import cloudpickle, serve
 from ray.serve._private import replica as serve_replica
 from ray.serve.handle import DeploymentHandle
 
@@ -95,10 +95,25 @@ class RewardReplica:
         return dict(self.kwargs)
 
 
-# Serve's client is not thread-safe in Ray 2.60: building a deployment registers and unregisters a
-# module for pickling by value, process-wide, and two runs started from threads of one process (a
-# sweep in a notebook, the shared-service test) failed on it. Deployments are made one at a time.
+# Serve is not thread-safe in Ray 2.60: building a deployment's configs (request router, autoscaling
+# policy) registers a module in cloudpickle's process-wide pickle-by-value registry, dumps, and
+# unregisters it. Two runs started from threads of one process (a sweep in a notebook, the
+# shared-service test) collide there: our own deployments are made one at a time under _CLIENT, but a
+# handle's router builds the same configs on Serve's event-loop thread, outside any lock of ours, and
+# the second unregister of a module raised ValueError. Unregistering an absent module is made a no-op:
+# the dumped classes are Ray's own, importable in every worker, so by value or by reference both load.
 _CLIENT = threading.Lock()
+_unregister = cloudpickle.unregister_pickle_by_value
+
+
+def _unregister_if_registered(module) -> None:
+    try:
+        _unregister(module)
+    except ValueError:  # another thread's unregister of the same module came first
+        pass
+
+
+cloudpickle.unregister_pickle_by_value = _unregister_if_registered
 
 
 def start_serve() -> None:

@@ -17,7 +17,7 @@ from pipeline.config import config_from_dict
 from pipeline.device import resolve_device
 from pipeline.lora import LoraSpec, add_lora
 from pipeline.models import load_adapter
-from pipeline.rollout import sample_x0
+from pipeline.rollout import rollout_model, rollout_precision, sample_x0
 from pipeline.sources import Batch, draw_eps
 
 
@@ -38,6 +38,7 @@ class RolloutStage:
         if lora is not None:  # the learner's LoRA layers on the same base: the weight sync moves adapters only
             add_lora(self.adapter.transformer, lora, self.adapter, seed=cfg.seed)
         self.adapter.transformer.requires_grad_(False).eval()
+        self.model = rollout_model(cfg, self.adapter.transformer)  # rollout.compile: compiled once, here
         # object_store: pull the newest ref; broadcast: a receiver thread in the learner's broadcast group.
         self.weights = make_subscriber(cfg.rollout.weight_sync, store, self.adapter.transformer, self.device)
 
@@ -48,8 +49,8 @@ class RolloutStage:
         t1 = time.perf_counter()
         cond = self.adapter.conditioning_from_arrays(batch, self.device)
         eps = draw_eps(self.adapter, [int(s) for s in batch["noise_seed"]], cfg.data.resolution)
-        x0 = sample_x0(self.adapter, self.adapter.transformer, eps, cond, cfg.data.resolution, cfg.rollout.steps,
-                       cfg.rollout.shift, cfg.rollout.guidance, cfg.train.mixed_precision)
+        x0 = sample_x0(self.adapter, self.model, eps, cond, cfg.data.resolution, cfg.rollout.steps,
+                       cfg.rollout.shift, cfg.rollout.guidance, rollout_precision(cfg))
         n = len(batch["caption"])
         batch["x0"] = x0.cpu().numpy()
         batch["eps"] = eps.cpu().numpy()

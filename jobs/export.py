@@ -5,7 +5,7 @@ SOURCE is a run folder (its newest complete weights), a checkpoint folder, a dif
 .safetensors file. The result is what the SRPO authors release: ``diffusion_pytorch_model.safetensors``
 with the plain diffusers keys, loaded by ``pipe.transformer.load_state_dict(load_file(path))``; with
 ``--diffusers-folder`` a complete diffusers folder (the base model's components + these weights)
-that ``FluxPipeline.from_pretrained(out)`` loads.
+that the family's pipeline loads (``FluxPipeline.from_pretrained(out)``, ``QwenImagePipeline`` alike).
 
 ``--dtype fp8``: float8 e4m3fn block weights with fp32 per-row scales, the rest bf16 (BFL's fp8r), which
 diffusers loads with ``FluxTransformer2DModel.from_single_file(path, config=BASE, subfolder="transformer",
@@ -14,9 +14,9 @@ ComfyUI's diffusion-model loader reads; with fp8 its "scaled fp8" format (per-te
 folder (recorded or ``--model-path``) names the model family. See docs/export.md.
 
 A LoRA run (``lora.rank > 0``) exports like any other: the base with the adapter merged. ``--lora``
-writes its adapter as a diffusers LoRA folder (``pytorch_lora_weights.safetensors``) that
-``FluxPipeline.load_lora_weights(out)`` loads (default ``<run>/export/lora/``); ``--merge`` writes the
-merged weights (any dtype/layout above) also from a diffusers LoRA folder given as SOURCE.
+writes its adapter as a diffusers LoRA folder (``pytorch_lora_weights.safetensors``) that the family's
+pipeline loads with ``load_lora_weights(out)`` (default ``<run>/export/lora/``); ``--merge`` writes
+the merged weights (any dtype/layout above) also from a diffusers LoRA folder given as SOURCE.
 
 Default output (SOURCE in a run folder): ``<run>/export/diffusion_pytorch_model.safetensors`` (fp8:
 ``..._fp8_e4m3fn.safetensors``; comfyui: ``diffusion_model_<dtype>.safetensors``) or

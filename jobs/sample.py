@@ -1,7 +1,8 @@
 """``srpo sample --config PRESET [key=value ...] [--weights SOURCE] --prompts FILE_OR_TEXT... --out DIR``.
 
-The equivalent of the SRPO authors' inference script (FluxPipeline from the base folder with the
-SRPO transformer weights loaded into it, one CPU generator seeded per image), through
+The equivalent of the SRPO authors' inference script (the model family's diffusers pipeline, e.g.
+FluxPipeline, from the base folder with the SRPO transformer weights loaded into it, one CPU
+generator seeded per image), through
 :func:`pipeline.sampling.generate`. SOURCE is anything ``srpo export`` reads (run folder,
 checkpoint folder, diffusers folder, .safetensors); without it the base model samples.
 
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt files (.txt one a line, or .parquet with a caption column) or literal prompts")
     p.add_argument("--out", required=True, help="output folder for the PNGs")
     p.add_argument("--steps", type=int, help="denoising steps (default eval.steps)")
-    p.add_argument("--guidance", type=float, help="distilled guidance (default eval.guidance)")
+    p.add_argument("--guidance", type=float, help="the model family's guidance: FLUX's distilled guidance, "
+                   "Qwen-Image's true-CFG scale (default eval.guidance)")
     p.add_argument("--resolution", type=int, help="square size in pixels (default eval.resolution or data.resolution)")
     p.add_argument("--seed", type=int, help="seed of prompt 0; prompt i uses seed + i (default eval.seed)")
     p.add_argument("--batch-size", type=int, help="images per transformer call (default eval.batch_size)")

@@ -38,7 +38,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -178,11 +178,13 @@ def write_manifest(folder: str | Path, rank: int) -> Path:
 
 
 def save_training_checkpoint(folder: str | Path, engine, strategy: str, rank: int, world_size: int,
-                             level_generator, state: dict[str, Any] | None) -> None:
+                             level_generator, state: dict[str, Any] | None,
+                             extra: Callable[[Path], None] | None = None) -> None:
     """Collective: this rank's part of a checkpoint into ``folder`` (see the module docstring).
 
-    ``state`` is the run state rank 0 writes as srpo_state.json (other ranks pass None). The
-    manifest is written last, after every other file of this rank is complete on disk.
+    ``state`` is the run state rank 0 writes as srpo_state.json (other ranks pass None); ``extra``
+    writes this rank's other files (the rollout buffer). The manifest is written last, after every
+    other file of this rank is complete on disk.
     """
     folder = Path(folder)
     engine.save_sharded(str(folder / strategy_subdir(strategy)))
@@ -195,6 +197,8 @@ def save_training_checkpoint(folder: str | Path, engine, strategy: str, rank: in
             raise ValueError("rank 0 must pass the run state (srpo_state.json)")
         write_json_atomic(folder / STATE_FILE, {**state, "format": FORMAT, "world_size": world_size,
                                                 "strategy": strategy})
+    if extra is not None:
+        extra(folder)
     write_manifest(folder, rank)
 
 
@@ -263,11 +267,17 @@ def run_checkpoint_state(run_dir: str | Path, run: dict[str, Any]) -> dict[str, 
     return None
 
 
-def check_resume_lora(cfg: Config, run_dir: str | Path, run: dict[str, Any]) -> None:
-    """``--resume``: refuse other LoRA settings than the checkpoint's before any training work."""
+def check_resume_settings(cfg: Config, run_dir: str | Path, run: dict[str, Any]) -> None:
+    """``--resume``: refuse other LoRA settings or another rollout.reuse than the checkpoint's, before
+    any training work (another R would shift which rows serve which steps)."""
     state = run_checkpoint_state(run_dir, run)
-    if state is not None:
-        check_lora_record(state.get("lora"), record_of(cfg), run_dir)
+    if state is None:
+        return
+    check_lora_record(state.get("lora"), record_of(cfg), run_dir)
+    reuse = int(state.get("data", {}).get("rollout_reuse", 1))
+    if reuse != cfg.rollout.reuse:
+        raise ConfigError(f"rollout.reuse: the checkpoint in {run_dir} was written with reuse={reuse}, the config "
+                          f"gives {cfg.rollout.reuse}; resume with the value the run started with")
 
 
 def ray_snapshot_step(storage_path: str | Path, run_name: str) -> int:
@@ -312,6 +322,7 @@ class TrainingState:
     step: int = 0
     gold: dict[str, Any] | None = None
     control_word_phase: dict[str, Any] | None = field(default=None, compare=False)
+    reuse: int = field(default=1, compare=False)  # rollout.reuse the checkpoint was written with
 
     def to_json(self, cfg: Config, world_size: int) -> dict[str, Any]:
         pos, neg = control_words(self.step, tuple(cfg.srpo.positive_words), tuple(cfg.srpo.negative_words))
@@ -325,8 +336,10 @@ class TrainingState:
             "lr_schedule": {"kind": "linear_warmup_constant", "lr": cfg.optim.lr,
                             "warmup_steps": cfg.optim.warmup_steps,
                             "next_lr": lr_at(self.step, cfg.optim.lr, cfg.optim.warmup_steps)},
-            "data": {"next_step": self.step, "next_sample_index": self.step * gb, "global_batch": gb,
-                     "mode": cfg.rollout.mode},
+            # rollout.reuse = R: samples come in generations of one step's rows, each serving R steps;
+            # the next sample is the first of the next generation (a begun one is in rollout_buffer/).
+            "data": {"next_step": self.step, "next_sample_index": -(-self.step // cfg.rollout.reuse) * gb,
+                     "global_batch": gb, "mode": cfg.rollout.mode, "rollout_reuse": cfg.rollout.reuse},
             "gold": self.gold,
             "seed": cfg.seed,
             "lora": record_of(cfg),  # None: full fine-tuning
@@ -334,11 +347,15 @@ class TrainingState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "TrainingState":
-        return cls(step=int(data["step"]), gold=data.get("gold"), control_word_phase=data.get("control_word_phase"))
+        return cls(step=int(data["step"]), gold=data.get("gold"), control_word_phase=data.get("control_word_phase"),
+                   reuse=int(data.get("data", {}).get("rollout_reuse", 1)))
 
     def check_phase(self, cfg: Config) -> None:
         """The control words of the next step must be the ones the checkpoint recorded: a changed word
         list would silently change the SRP objective of a resumed run."""
+        if self.reuse != cfg.rollout.reuse:  # the generations (which rows serve which steps) would shift
+            raise ValueError(f"rollout.reuse: the checkpoint was written with reuse={self.reuse}, resumed with "
+                             f"{cfg.rollout.reuse}; resume with the value the run started with")
         phase = self.control_word_phase
         if phase is None:
             return

@@ -79,6 +79,14 @@ class RolloutConfig:
     shift: float = 3.0  # s of shift(t) = s t / (1 + (s - 1) t)
     # The reference draws one noise per step and broadcasts it to all ranks.
     share_noise_across_ranks: bool = True
+    # Reused rollouts: each generated x0 trains `reuse` consecutive optimizer steps, each with fresh
+    # levels m and fresh noise eps (pipeline/reuse.py). 1 = the reference, a rollout every step.
+    reuse: int = 1
+    # torch.compile the rollout's transformer forward (its shapes never change: it compiles once).
+    compile: bool = False
+    # The rollout's compute precision (colocated and rollout actors); auto = train.mixed_precision. The
+    # learner's master weights stay fp32 whatever this says.
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass
@@ -89,7 +97,7 @@ class SRPOConfig:
     timestep_length: int = 1000  # N
     groundtruth_ratio: float = 0.9  # K = int((1 - ratio) * N) + 1
     m_margin: int = 5  # m ~ U{margin, ..., N - margin}
-    train_guidance: float = 3.5  # guidance fed to FLUX in the Direct-Align branches
+    train_guidance: float = 3.5  # the family's guidance in the Direct-Align branches (FLUX: distilled; Qwen: CFG)
     d_pos: list[float] = field(default_factory=lambda: [0.1, 0.25])  # k for the denoise branch
     d_inv: list[float] = field(default_factory=lambda: [0.3, 0.01])  # k for the inversion branch
     hinge_margin: float = 0.7  # loss = relu(margin - R) / num_branches
@@ -147,6 +155,10 @@ class RewardConfig:
     weight: float = 1.0  # the branch loss is the weighted sum of every reward's loss
     scale: float = 1.0  # multiplies this reward's SRP (reward, pos/neg scores) before the hinge
     srp_form: Literal["", "reference", "cfg", "plain"] = ""  # "" = srpo.srp_form
+    # The decoded image this reward scores (training loss and rollout metrics; evaluation always sees
+    # the pipeline's image): clamp = x / 2 + 0.5 clamped to [0, 1] (diffusers' pipelines, the FLUX
+    # recipe); minmax = (x - min) / (max - min) per image (the authors' Qwen-Image script).
+    image_norm: Literal["clamp", "minmax"] = "clamp"
     # colocated: the reward model lives in the learner (the reference); remote: a fixed pool of
     # num_actors reward actors decodes x0_hat and returns dLoss/dx0_hat (the gradient relay); serve:
     # the same relay as a Ray Serve deployment that autoscales (reward.autoscaling).
@@ -244,7 +256,7 @@ class ScorerConfig:
 class EvalConfig:
     prompts: str = ""  # held-out prompts ("" = data.heldout_prompts)
     seed: int = 1234  # generation seeds: seed + prompt index (the same for base and checkpoint)
-    # Sampling as diffusers' FluxPipeline / the authors' inference script: 50 steps, guidance 3.5.
+    # Sampling as the family's diffusers pipeline / the authors' inference script (FLUX: 50 steps, guidance 3.5).
     steps: int = 50
     guidance: float = 3.5
     resolution: int = 0  # 0 = data.resolution
@@ -282,7 +294,7 @@ class OutputConfig:
 
 @dataclass
 class TinyConfig:
-    # When enabled, the tiny world (random tiny FLUX + reward models of the real classes) is
+    # When enabled, the tiny world (random tiny models of the real classes: FLUX, model.family's, rewards) is
     # written to `dir` on first use; the model/reward paths of the preset point into it.
     enabled: bool = False
     dir: str = ".cache/srpo-tiny"
@@ -512,7 +524,7 @@ def _validate_srpo(cfg: Config) -> None:
     _require(cfg.data.resolution > 0 and cfg.data.resolution % 16 == 0, "data.resolution",
              f"got {cfg.data.resolution}, expected a positive multiple of 16 (VAE /8 then 2x2 patches)")
     _require(cfg.model.max_sequence_length > 0, "model.max_sequence_length",
-             f"got {cfg.model.max_sequence_length}, expected > 0 (512 for FLUX.1-dev)")
+             f"got {cfg.model.max_sequence_length}, expected > 0 (512 for FLUX.1-dev and Qwen-Image)")
     _require(cfg.rollout.steps >= 1, "rollout.steps", f"got {cfg.rollout.steps}, expected >= 1")
     _require(cfg.rollout.shift > 0, "rollout.shift", f"got {cfg.rollout.shift}, expected > 0")
     _require(s.base_steps >= 2, "srpo.base_steps", f"got {s.base_steps}, expected >= 2")
@@ -562,6 +574,8 @@ def _validate_run(cfg: Config) -> None:
     _require(cfg.rollout.num_actors >= 1, "rollout.num_actors", f"got {cfg.rollout.num_actors}, expected >= 1")
     _require(cfg.rollout.max_staleness >= 0, "rollout.max_staleness",
              f"got {cfg.rollout.max_staleness}, expected >= 0")
+    _require(cfg.rollout.reuse >= 1, "rollout.reuse",
+             f"got {cfg.rollout.reuse}, expected >= 1 (optimizer steps per generated x0; 1 = the reference)")
     _require(cfg.data.min_image_size >= 0, "data.min_image_size",
              f"got {cfg.data.min_image_size}, expected >= 0")
     smallest = (cfg.data.min_image_size or cfg.data.resolution) ** 2
@@ -675,11 +689,12 @@ def check_paths(cfg: Config, scorers: bool = False) -> None:
         if not ok:
             raise ConfigError(f"{field_name}: {value!r} does not exist; expected {what}")
 
+    layout = f"the layout of model.family={cfg.model.family!r}"  # docs/models.md
     need(cfg.model.path, "model.path",
-         "a local diffusers folder with the FLUX.1-dev layout (model_index.json, transformer/, vae/, ...)", True)
+         f"a local diffusers folder with {layout} (model_index.json, transformer/, vae/, ...)", True)
     if not (Path(cfg.model.path) / "model_index.json").is_file():
         raise ConfigError(f"model.path: {cfg.model.path!r} has no model_index.json; "
-                          "expected a diffusers folder with the FLUX.1-dev layout")
+                          f"expected a diffusers folder with {layout}")
     need(cfg.data.prompts, "data.prompts", "a text file with one prompt per line, or a parquet file", False)
     if cfg.data.heldout_prompts:
         need(cfg.data.heldout_prompts, "data.heldout_prompts", "a prompts file", False)

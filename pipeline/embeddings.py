@@ -1,21 +1,28 @@
 """`srpo preprocess`: a prompts file -> a folder of frozen text embeddings that training reads.
 
-The text encoders (FLUX: CLIP-L + T5-XXL, about 5B parameters) are frozen, so encoding every prompt
-once and storing the result takes them out of the training job entirely (data.prompt_embeddings).
+The text encoders (FLUX: CLIP-L + T5-XXL, about 5B parameters; Qwen-Image: Qwen2.5-VL-7B) are frozen,
+so encoding every prompt once and storing the result takes them out of the training job entirely
+(data.prompt_embeddings). Nothing here knows a family's columns: they are the model family's
+``conditioning_to_arrays`` columns, with the per-row shapes of its ``conditioning_shapes``, recorded in
+meta.json (``shapes``) when the folder is created and read back from there.
 This module is the folder format and everything that needs no cluster (planning, resuming, reading);
 the encoding itself runs on Ray Data in pipeline/ray/preprocess.py.
 
 Folder layout (``out_dir``)::
 
-    meta.json                       model identity (path, max_sequence_length), shapes, format, counts
+    meta.json                       model identity (family, path, max_sequence_length), shapes (column ->
+                                    per-row shape), format, counts
     plan.parquet                    prompt_index, caption, clip_truncated, t5_truncated of every prompt
                                     ever planned (written before encoding, so a crashed run resumes
                                     with the same indices instead of leaving gaps)
     part-<first_index:08d>.parquet  encoded rows; each holds one contiguous prompt_index run
 
-Part schema: prompt_index int64, caption string, then the adapter's conditioning arrays
-(``conditioning_to_arrays``; FLUX: prompt_embeds ray.data tensor [L, d_t5] float32, pooled ray.data
-tensor [d_clip] float32), clip_truncated bool, t5_truncated bool. The tensor columns
+Part schema: prompt_index int64, caption string, then the adapter's conditioning arrays, one float32
+ray.data tensor column each (``conditioning_to_arrays``; FLUX: prompt_embeds [L, d_t5], pooled
+[d_clip]; Qwen-Image: prompt_embeds [L, d], prompt_mask [L], negative_embeds [L, d], negative_mask [L]),
+clip_truncated bool, t5_truncated bool (names kept from the first format: a prompt cut by a text
+encoder's own token limit, and one longer than model.max_sequence_length; the family's
+``truncation_flags`` says what each means for it). The tensor columns
 use Ray's Arrow tensor extension (``ArrowTensorArray``), so ``ray.data.read_parquet`` gives numpy
 [B, L, d] back; plain pyarrow sees the storage (a flat float32 list per row) and reshapes it with
 the shapes in meta.json. Parts and meta.json are written to a ``*.tmp`` name, then renamed (atomic
@@ -51,7 +58,6 @@ PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 FIELD = "data.prompt_embeddings"
-TENSOR_COLUMNS = ("prompt_embeds", "pooled")
 
 
 @dataclass
@@ -60,8 +66,10 @@ class PreprocessReport:
 
     total_lines: lines (txt) or rows (parquet) in the prompts file; dropped_empty / dropped_duplicate:
     lines dropped as blank or as an exact repeat (after strip) of an earlier line; truncated_clip /
-    truncated_t5: unique prompts longer than the CLIP limit (77 tokens with specials) or the T5 limit
-    (model.max_sequence_length), which the encoders see cut; already_done: unique prompts found
+    truncated_t5: unique prompts cut by a text encoder's own token limit (FLUX: CLIP's 77 tokens;
+    Qwen-Image: the tokenizer's 1024 after the template) / longer than model.max_sequence_length
+    tokens (FLUX: T5; Qwen-Image: Qwen2.5-VL after the template drop), which the encoders see cut
+    (the family's ``truncation_flags``); already_done: unique prompts found
     encoded in the folder; encoded: prompts encoded now (including any a crashed earlier run had
     planned); parts_written: part files written now.
     """
@@ -123,41 +131,21 @@ def unique_captions(raw: Iterable[str | None]) -> tuple[list[str], int, int]:
 # ------------------------------------------------------------------------------------------------
 
 
-def load_tokenizers(cfg: Config) -> tuple[Any, Any]:
-    """(pooled-text tokenizer, sequence tokenizer) of the model family (FLUX: CLIP, T5), no encoder loaded."""
+def load_tokenizers(cfg: Config) -> tuple[Any, ...]:
+    """The model family's tokenizers (``load_tokenizers``), no encoder loaded."""
     try:
         return family_class(cfg.model.family).load_tokenizers(cfg.model.path)
     except FileNotFoundError as e:
         raise ConfigError(f"model.path: {e}") from e
 
 
-def token_lengths(tokenizer: Any, captions: Sequence[str], chunk: int = 4096) -> np.ndarray:
-    """Untruncated token counts including special tokens (what the encoder would see without a limit)."""
-    import transformers
-
-    out: list[int] = []
-    # Tokenizing past model_max_length on purpose: silence the "sequence too long" warning.
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        for i in range(0, len(captions), chunk):
-            ids = tokenizer(list(captions[i:i + chunk]), truncation=False, add_special_tokens=True)["input_ids"]
-            out.extend(len(x) for x in ids)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    return np.asarray(out, dtype=np.int64)
-
-
-def truncation_flags(tokenizers: tuple[Any, Any], max_sequence_length: int,
+def truncation_flags(cfg: Config, tokenizers: tuple[Any, ...],
                      captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(clip_truncated, t5_truncated) per caption, matching the adapter's encode_prompts limits
-    (the first tokenizer's model_max_length, ``max_sequence_length`` for the second)."""
+    """(clip_truncated, t5_truncated) per caption: cut by a text encoder's own limit, and longer than
+    model.max_sequence_length, as the family's ``encode_prompts`` cuts them."""
     if not captions:
         return np.zeros(0, bool), np.zeros(0, bool)
-    clip_tok, t5_tok = tokenizers
-    clip = token_lengths(clip_tok, captions) > clip_tok.model_max_length
-    t5 = token_lengths(t5_tok, captions) > max_sequence_length
-    return clip, t5
+    return family_class(cfg.model.family).truncation_flags(tokenizers, captions, cfg.model.max_sequence_length)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,7 +154,7 @@ def truncation_flags(tokenizers: tuple[Any, Any], max_sequence_length: int,
 
 
 def _identity(cfg: Config) -> dict[str, Any]:
-    """The fields a folder is bound to: embeddings of another model or T5 length cannot be mixed in."""
+    """The fields a folder is bound to: embeddings of another family, model or text length cannot be mixed in."""
     return {"model.family": cfg.model.family, "model.path": str(Path(cfg.model.path).resolve()),
             "model.max_sequence_length": int(cfg.model.max_sequence_length)}
 
@@ -203,9 +191,11 @@ def write_meta(out_dir: Path, meta: dict[str, Any]) -> None:
 def check_compatible(out_dir: str | Path, cfg: Config, require_complete: bool = True) -> dict[str, Any]:
     """Raise ConfigError unless ``out_dir`` holds embeddings of this config's text encoders.
 
-    Embeddings are only valid for the model and T5 length that made them; training from a folder of
-    another model would silently condition on the wrong text features. ``require_complete`` (what
-    training wants) also refuses a folder whose last preprocess run did not finish. Returns the meta.
+    Embeddings are only valid for the model family, model and sequence length that made them; training
+    from a folder of another model would silently condition on the wrong text features (another
+    family's columns would not even load). The folder's columns and shapes must also be the ones the
+    family gives this model folder now. ``require_complete`` (what training wants) also refuses a
+    folder whose last preprocess run did not finish. Returns the meta.
     """
     meta = read_meta(out_dir)
     for key, want in _identity(cfg).items():
@@ -214,6 +204,9 @@ def check_compatible(out_dir: str | Path, cfg: Config, require_complete: bool = 
             raise ConfigError(f"{FIELD}: {str(out_dir)!r} was made with {key}={have!r}, this config has "
                               f"{key}={want!r}; rerun `srpo preprocess` into another folder or use the "
                               "matching config")
+    if meta.get("shapes") != (want := embedding_shapes(cfg)):
+        raise ConfigError(f"{FIELD}: {str(out_dir)!r} holds the columns {meta.get('shapes')!r}; {cfg.model.path} "
+                          f"gives {want!r} now (its text encoder changed?); rerun `srpo preprocess` into another folder")
     if require_complete and not meta.get("complete", False):
         raise ConfigError(f"{FIELD}: {str(out_dir)!r} is incomplete (a `srpo preprocess` run did not finish); "
                           "rerun it with the same config to encode the rest")
@@ -325,26 +318,33 @@ def _part_index(out_dir: str | Path, refresh: bool = False) -> _PartIndex:
     return cached
 
 
-def _load_rows(index: _PartIndex, wanted: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """prompt_index -> (embeds, pooled) for the wanted indices found in the listed parts."""
+def tensor_columns(meta: dict[str, Any]) -> list[str]:
+    """The conditioning columns of a folder: the keys of its meta.json ``shapes`` (written from the model
+    family's ``conditioning_shapes``), so a folder reads back whatever family made it."""
+    return list(meta["shapes"])
+
+
+def _load_rows(index: _PartIndex, wanted: list[int]) -> dict[int, dict[str, np.ndarray]]:
+    """prompt_index -> {column: row array} for the wanted indices found in the listed parts."""
     shapes = index.meta["shapes"]
     by_part: dict[int, list[int]] = {}
     for i in wanted:
         k = index.locate(i)
         if k >= 0:
             by_part.setdefault(k, []).append(i)
-    rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    rows: dict[int, dict[str, np.ndarray]] = {}
     for k, want in by_part.items():
-        table = pq.read_table(index.files[k], columns=["prompt_index", *TENSOR_COLUMNS])
-        embeds = _column_numpy(table.column("prompt_embeds"), shapes["prompt_embeds"])
-        pooled = _column_numpy(table.column("pooled"), shapes["pooled"])
+        table = pq.read_table(index.files[k], columns=["prompt_index", *shapes])
+        cols = {c: _column_numpy(table.column(c), shape) for c, shape in shapes.items()}
         pos = {int(v): j for j, v in enumerate(table.column("prompt_index").to_numpy())}
-        rows.update({i: (embeds[pos[i]], pooled[pos[i]]) for i in want if i in pos})
+        rows.update({i: {c: a[pos[i]] for c, a in cols.items()} for i in want if i in pos})
     return rows
 
 
-def load_embeddings(out_dir: str | Path, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds [n, L, d_t5], pooled [n, d_clip]) of these prompt_index values, in the given order.
+def load_embeddings(out_dir: str | Path, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """{column: float32 [n, *shape]} of these prompt_index values, in the given order: the model family's
+    conditioning arrays (FLUX: prompt_embeds [n, L, d_t5], pooled [n, d_clip]), ready for
+    ``conditioning_from_arrays``.
 
     Plain pyarrow (no Ray): reads only the parts holding the requested indices. Raises KeyError
     naming the first index the folder does not hold.
@@ -363,9 +363,8 @@ def load_embeddings(out_dir: str | Path, indices: Sequence[int]) -> tuple[torch.
         raise KeyError(f"{out_dir}: prompt_index {missing[0]} is not encoded")
     shapes = index.meta["shapes"]
     if not wanted:
-        return torch.zeros(0, *shapes["prompt_embeds"]), torch.zeros(0, *shapes["pooled"])
-    return (torch.from_numpy(np.stack([rows[i][0] for i in wanted])),
-            torch.from_numpy(np.stack([rows[i][1] for i in wanted])))
+        return {c: np.zeros((0, *shape), np.float32) for c, shape in shapes.items()}
+    return {c: np.stack([rows[i][c] for i in wanted]) for c in shapes}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -475,8 +474,7 @@ def _extend_plan(cfg: Config, out: Path, meta: dict[str, Any], captions: list[st
     new = [c for c in captions if c not in planned]
     if new:
         tokenizers = load_tokenizers(cfg)
-        meta["clip_max_length"] = int(tokenizers[0].model_max_length)
-        plan = plan.extend(new, *truncation_flags(tokenizers, cfg.model.max_sequence_length, new))
+        plan = plan.extend(new, *truncation_flags(cfg, tokenizers, new))
         write_plan(out, plan)
     elif len(plan) and not (out / PLAN).is_file():
         write_plan(out, plan)  # rebuilt from the parts: keep it for the next run

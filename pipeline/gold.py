@@ -142,10 +142,12 @@ class GoldReward:
 
 @torch.no_grad()
 def heldout_srp_reward(cfg: Config, adapter, transformer, reward_model, cond, captions: list[str],
-                       seed: int) -> float:
+                       seed: int, image_norm: str = "clamp") -> float:
     """Mean SRP reward of full-rollout images of held-out prompts, averaged over every control-word
     pair (the learning-signal metric of the tests and benchmarks): held-out prompts and a held-out
-    noise seed measure whether the policy itself improved, not just its one-step recoveries."""
+    noise seed measure whether the policy itself improved, not just its one-step recoveries.
+    ``image_norm``: the images as the pipeline returns them ("clamp"), or as a reward with
+    ``reward.image_norm=minmax`` sees them in training."""
     g = torch.Generator().manual_seed(seed)
     grid = grid_from_config(cfg.srpo, cfg.rollout.shift)
     grid_k = float(grid.d_pos[grid.N // 2])
@@ -157,7 +159,7 @@ def heldout_srp_reward(cfg: Config, adapter, transformer, reward_model, cond, ca
         eps = adapter.sample_noise(len(caps), cfg.data.resolution, g)
         x0 = sample_x0(adapter, transformer, eps, cond.select(sl), cfg.data.resolution, cfg.rollout.steps,
                        cfg.rollout.shift, cfg.rollout.guidance, cfg.train.mixed_precision)
-        f_img = reward_model.encode_image(adapter.decode(x0, cfg.data.resolution))
+        f_img = reward_model.encode_image(adapter.decode(x0, cfg.data.resolution, image_norm))
         n_pos, n_neg = len(cfg.srpo.positive_words), len(cfg.srpo.negative_words)
         for step in range(math.lcm(n_pos, n_neg)):
             pw, nw = control_words(step, tuple(cfg.srpo.positive_words), tuple(cfg.srpo.negative_words))

@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -36,7 +36,8 @@ from pipeline.lora import LORA_DIR, LoraSpec, add_lora, adapter_state_dict, reco
 from pipeline.models import load_adapter
 from pipeline.objective import RewardObjective, colocated_reward
 from pipeline.parallel import build_engine
-from pipeline.rollout import sample_x0
+from pipeline.reuse import RolloutBuffer, reuse_seed
+from pipeline.rollout import rollout_model, rollout_precision, sample_x0
 from pipeline.schedules import lr_at
 from pipeline.sources import Batch, BatchSource, draw_eps
 from pipeline.srpo_step import SRPOStep, StepBatch
@@ -93,6 +94,8 @@ class Learner:
         self.gold: GoldReward | None = None
         self.skipped_rows = 0
         self.provenance: dict[int, set[int]] = {}  # step -> pids of the rollout actors that made its samples
+        self.buffer = RolloutBuffer(cfg.rollout.reuse)  # rollout.reuse > 1: the generation being reused
+        self._rollout_model: torch.nn.Module | None = None  # the colocated rollout's (rollout.compile)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainingState:
@@ -103,13 +106,7 @@ class Learner:
         start, t_ready = time.perf_counter(), time.perf_counter()
         first = state.step
         stopped = False
-        # Pull one batch at a time: a source that reads ahead would hold step v until step v+1's
-        # rollout exists, which under max_staleness=0 waits for version v+1, i.e. for step v.
-        for batch in self.source.batches(state.step):
-            if state.step >= self.cfg.train.max_steps:
-                break
-            if not self._is_current(batch, state.step):
-                continue
+        for batch in self.step_batches(state):
             metrics = self.one_step(batch, state, time.perf_counter() - t_ready)
             metrics["samples_per_s"] = (state.step - first) * self.cfg.train.batch_size * self.world / \
                 (time.perf_counter() - start)
@@ -121,12 +118,28 @@ class Learner:
                 break
         return self.finish(state, stopped)
 
-    def one_step(self, batch: Batch, state: TrainingState, wait_s: float) -> dict[str, float]:
+    def step_batches(self, state: TrainingState) -> Iterator[Batch | None]:
+        """One item per optimizer step: a new generation's batch, or None while the rollout buffer's
+        generation has uses left (rollout.reuse; a restored checkpoint may start inside one)."""
+        while state.step < self.cfg.train.max_steps and self.buffer.use_at(state.step) is not None:
+            yield None
+        # Pull one batch at a time: a source that reads ahead would hold step v until step v+1's
+        # rollout exists, which under max_staleness=0 waits for version v+1, i.e. for step v.
+        for batch in self.source.batches(state.step):
+            if state.step >= self.cfg.train.max_steps:
+                return
+            if not self._is_current(batch, state.step):
+                continue
+            yield batch
+            while state.step < self.cfg.train.max_steps and self.buffer.use_at(state.step) is not None:
+                yield None
+
+    def one_step(self, batch: Batch | None, state: TrainingState, wait_s: float) -> dict[str, float]:
         t0 = time.perf_counter()
         step = state.step
         if self.before_step is not None:
             self.before_step(step)
-        inputs = self.inputs(batch, step)
+        inputs = self.inputs(batch, step) if batch is not None else self.reused_inputs(step)
         inputs.timings["time/rollout_wait_s"] = wait_s
         metrics = self.train_step(inputs, step)
         sync = self.publish(step)
@@ -149,6 +162,7 @@ class Learner:
                 return TrainingState()
             data = load_training_checkpoint(folder, self.engine, self.engine.name, self.rank, self.world, None,
                                             lora=record_of(self.cfg))
+            self.buffer.load(folder, self.rank, self.device)
         state = TrainingState.from_json(data)
         state.check_phase(self.cfg)
         if self.rank == 0:
@@ -179,17 +193,34 @@ class Learner:
             t0 = time.perf_counter()
             x0 = self.rollout(eps, cond)
             lag, timings = [0] * len(captions), {"time/rollout_s": time.perf_counter() - t0}
+        self.buffer.fill(step, batch, x0, eps, lag)
+        timings["rollout/use"] = 1.0
         return StepInputs(StepBatch(x0=x0, eps=eps, cond=cond, captions=captions), levels, lag, timings)
+
+    def reused_inputs(self, step: int) -> StepInputs:
+        """Use u > 0 of the buffer's generation: its x0, conditioning and captions, fresh noise eps and
+        fresh levels m (pipeline/reuse.py); its age grows by one policy version per use."""
+        g, u = self.buffer.current, self.buffer.use_at(step)
+        seeds = [int(s) for s in g.batch["noise_seed"]]
+        eps = draw_eps(self.adapter, [reuse_seed(s, u) for s in seeds], self.cfg.data.resolution).to(self.device)
+        levels = self.srpo.sample_levels([reuse_seed(int(s), u) for s in g.batch["level_seed"]])
+        cond = self.adapter.conditioning_from_arrays(g.batch, self.device)
+        captions = [str(c) for c in g.batch["caption"]]
+        timings = {"time/rollout_s": 0.0, "rollout/use": float(u + 1)}
+        return StepInputs(StepBatch(x0=g.x0, eps=eps, cond=cond, captions=captions), levels,
+                          [lag + u for lag in g.lag], timings)
 
     @torch.no_grad()
     def rollout(self, eps: torch.Tensor, cond) -> torch.Tensor:
         """The colocated rollout with the learner's own (possibly sharded) model; a sharded engine
         gathers its parameters once for the whole rollout, not once per denoising step."""
         cfg, model = self.cfg, self.engine.transformer
+        if self._rollout_model is None:
+            self._rollout_model = rollout_model(cfg, model)
         model.eval()
         with self.engine.gathered_for_inference():
-            x0 = sample_x0(self.adapter, model, eps, cond, cfg.data.resolution, cfg.rollout.steps,
-                           cfg.rollout.shift, cfg.rollout.guidance, cfg.train.mixed_precision)
+            x0 = sample_x0(self.adapter, self._rollout_model, eps, cond, cfg.data.resolution, cfg.rollout.steps,
+                           cfg.rollout.shift, cfg.rollout.guidance, rollout_precision(cfg))
         model.train()
         return x0
 
@@ -279,7 +310,8 @@ class Learner:
         payload = state.to_json(self.cfg, self.world) if self.rank == 0 else None
 
         def write(folder: Path) -> None:
-            save_training_checkpoint(folder, self.engine, self.engine.name, self.rank, self.world, None, payload)
+            save_training_checkpoint(folder, self.engine, self.engine.name, self.rank, self.world, None, payload,
+                                     extra=lambda f: self.buffer.save(f, self.rank, state.step))
 
         self.checkpoints.save(state.step, write, flat)
 

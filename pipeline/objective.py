@@ -114,10 +114,11 @@ class ColocatedReward:
     overlap = False
     reward_wait_s = 0.0  # scoring is part of the learner's own compute
 
-    def __init__(self, adapter, reward_model: RewardModel, resolution: int) -> None:
+    def __init__(self, adapter, reward_model: RewardModel, resolution: int, image_norm: str = "clamp") -> None:
         self.adapter = adapter
         self.reward_model = reward_model
         self.resolution = resolution
+        self.image_norm = image_norm  # reward.image_norm: how the decoded image reaches [0, 1]
 
     def reset_timers(self) -> None:
         pass
@@ -133,7 +134,7 @@ class ColocatedReward:
         return ticket
 
     def loss(self, x0_hat: Tensor, req: RewardRequest) -> tuple[Tensor, BranchResult]:
-        images = self.adapter.decode(x0_hat, self.resolution)
+        images = self.adapter.decode(x0_hat, self.resolution, self.image_norm)
         return branch_loss(images, self.reward_model, req)
 
     def surrogate(self, x0_hat: Tensor, req: RewardRequest) -> tuple[Tensor, BranchResult]:
@@ -143,7 +144,7 @@ class ColocatedReward:
     def score_many(self, latents: Tensor, captions: list[str], pos_word: str, neg_word: str, k: float,
                    form: str) -> dict[str, float]:
         """SRP of decoded latents (no gradient): rollout metrics, same return as RemoteReward.score_many."""
-        images = self.adapter.decode(latents, self.resolution)
+        images = self.adapter.decode(latents, self.resolution, self.image_norm)
         k_t = torch.full((len(captions),), float(k), device=images.device)
         srp = semantic_relative_preference(self.reward_model, images, captions, pos_word, neg_word, k_t, form=form)
         return {"reward": float(srp.reward.mean()), "pos_score": float(srp.pos_score.mean()),
@@ -269,5 +270,5 @@ def reward_model_from_config(cfg: Config | RewardConfig, device: torch.device) -
 def colocated_reward(cfg: Config, adapter, device: torch.device) -> Any:
     """The reference placement: every configured reward model inside the learner's process."""
     entries = [r for _, r in reward_entries(cfg)]
-    return combine(entries, [ColocatedReward(adapter, reward_model_from_config(r, device), cfg.data.resolution)
-                             for r in entries])
+    return combine(entries, [ColocatedReward(adapter, reward_model_from_config(r, device), cfg.data.resolution,
+                                             r.image_norm) for r in entries])

@@ -7,9 +7,9 @@
 
 Strategies:
 - ``single``: the plain module and AdamW of :mod:`pipeline.srpo_step`, exactly what ``SRPOTrainer`` runs.
-- ``fsdp2``: ``fully_shard`` on every double-stream block (``transformer_blocks``) and single-stream
-  block (``single_transformer_blocks``), then the root (torchtitan's FLUX ``parallelize``); AdamW is
-  built after sharding, on the DTensor shards.
+- ``fsdp2``: ``fully_shard`` on every block of the family's ``shard_blocks`` (FLUX: each double-stream,
+  then each single-stream block; Qwen-Image: each transformer block), then the root (torchtitan's
+  FLUX ``parallelize``); AdamW is built after sharding, on the DTensor shards.
 - ``deepspeed``: ZeRO stage 2 or 3 around the same ``torch.optim.AdamW``.
 
 With LoRA (pipeline/lora.py) the transformer arrives with peft's adapters and a frozen base: every
@@ -324,7 +324,7 @@ class SingleEngine(_DCPCheckpoints):
 
 
 class FSDP2Engine(_DCPCheckpoints):
-    """``fully_shard`` per FLUX block, then the root; AdamW on the DTensor shards.
+    """``fully_shard`` per block of the family's ``shard_blocks``, then the root; AdamW on the DTensor shards.
 
     Activation checkpointing uses diffusers' own (``enable_gradient_checkpointing``) rather than
     torchtitan's ``checkpoint_wrapper``: the wrapper replaces each block by a ``CheckpointWrapper``

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pipeline.config import Config
 from pipeline.device import autocast
 from pipeline.direct_align import euler_step
 from pipeline.schedules import rollout_sigmas
@@ -25,3 +26,17 @@ def sample_x0(adapter, transformer: torch.nn.Module, eps: Tensor, cond, resoluti
             v = adapter.velocity(transformer, x, float(sigmas[i]), cond, guidance, resolution)
         x = euler_step(x, v.float(), float(sigmas[i]), float(sigmas[i + 1]))
     return x
+
+
+def rollout_precision(cfg: Config) -> str:
+    """The rollout's compute precision: rollout.dtype, or train.mixed_precision when it says auto."""
+    return cfg.train.mixed_precision if cfg.rollout.dtype == "auto" else cfg.rollout.dtype
+
+
+def rollout_model(cfg: Config, transformer: torch.nn.Module) -> torch.nn.Module:
+    """The module the rollout calls: ``transformer`` itself, or with rollout.compile a torch.compile
+    wrapper sharing its parameters (new weights need no recompile; the rollout's shapes never change,
+    so it compiles once per process). Build it once and keep it: each wrapper compiles anew."""
+    if not cfg.rollout.compile:
+        return transformer
+    return torch.compile(transformer, dynamic=False)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import (RUN_FILE, LocalCheckpoints, check_resume_lora, latest_checkpoint, read_run,
+from pipeline.checkpoint import (RUN_FILE, LocalCheckpoints, check_resume_settings, latest_checkpoint, read_run,
                                  run_done_steps, write_json_atomic)
 from pipeline.config import Config, ConfigError, absolute_paths
 from pipeline.device import resolve_device
@@ -87,7 +87,7 @@ def check_resumable(cfg: Config, resume: str | Path | None, ray_run: bool) -> di
     if done >= cfg.train.max_steps:
         raise ConfigError(f"train.max_steps: the run in {resume} has already trained {done} steps; "
                           f"resume with train.max_steps > {done} to train longer")
-    check_resume_lora(cfg, resume, previous)  # the adapters (or the whole model) the checkpoint holds
+    check_resume_settings(cfg, resume, previous)  # its adapters (or the whole model), its rollout.reuse
     return previous
 
 

@@ -27,10 +27,11 @@ def rollout_sigmas(steps: int, shift: float) -> torch.Tensor:
 
 
 def model_timestep(sigma: torch.Tensor | float) -> torch.Tensor:
-    """Time fed to the FLUX transformer: ``floor(1000 sigma) / 1000``.
+    """Time fed to the transformer in training and rollouts (every family): ``floor(1000 sigma) / 1000``.
 
-    The reference passes an integer timestep (truncated) and divides by 1000, so the model never
-    sees the exact sigma; we reproduce that rather than the diffusers pipeline's exact value.
+    The reference (the authors' FLUX and Qwen-Image scripts) passes an integer timestep (truncated) and
+    divides by 1000, so the model never sees the exact sigma; we reproduce that rather than the
+    diffusers pipeline's exact value.
     """
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     return torch.floor(1000 * sigma) / 1000

@@ -3,8 +3,8 @@
 A *row* is one sample; a *batch* is one device's share of a step, a dict of numpy arrays (Ray Data's
 ``batch_format="numpy"``), whoever produced it:
 
-    sample_index int64   global order; step = sample_index // global_batch
-    step         int64   the optimizer step the sample is for
+    sample_index int64   global order; generation = sample_index // global_batch
+    step         int64   the optimizer step the sample is (first) for: generation * rollout.reuse
     caption      str     the plain caption (control words never reach the generator)
     noise_seed   int64   regenerates the noise prior eps (draw_eps)
     level_seed   int64   regenerates the noise levels m of Direct-Align (draw_sample_levels)
@@ -31,6 +31,7 @@ from pipeline.device import resolve_device
 from pipeline.embeddings import load_embeddings, read_captions
 from pipeline.images import ImageSkip, load_image
 from pipeline.models import load_adapter
+from pipeline.reuse import generation_count
 
 Batch = dict[str, np.ndarray]
 _SEED_MOD = 2**63 - 1
@@ -74,12 +75,19 @@ def level_seed(cfg: Config, sample_index: int) -> int:
 
 
 def sample_rows(cfg: Config, items: list[dict[str, Any]], start_step: int = 0) -> list[dict[str, Any]]:
-    """Rows for steps start_step..max_steps-1: sample i is items[i % len(items)] plus its index,
-    step and seeds. ``items`` are {"caption", ...} (online) or {"caption", "path"} (offline)."""
-    gb, b = global_batch(cfg), cfg.train.batch_size
-    return [{**items[i % len(items)], "sample_index": i, "step": i // gb,
+    """Rows of the generations that start at or after step start_step: sample i is items[i % len(items)]
+    plus its index, step and seeds. ``items`` are {"caption", ...} (online) or {"caption", "path"} (offline).
+
+    A generation is one step's samples; with rollout.reuse = R it serves steps g*R .. g*R+R-1 and its
+    rows carry step = g*R, its first (pipeline/reuse.py). R = 1: generation g is step g.
+    """
+    gb, b, r = global_batch(cfg), cfg.train.batch_size, cfg.rollout.reuse
+    # From the generation holding start_step: a resumed run takes a begun generation's remaining uses
+    # from the checkpoint's buffer, skips (and counts) its rows, and never finds the stream empty.
+    first = start_step // r
+    return [{**items[i % len(items)], "sample_index": i, "step": i // gb * r,
              "noise_seed": noise_seed(cfg, i, gb, b), "level_seed": level_seed(cfg, i)}
-            for i in range(start_step * gb, cfg.train.max_steps * gb)]
+            for i in range(first * gb, generation_count(cfg.train.max_steps, r) * gb)]
 
 
 def training_captions(cfg: Config) -> list[str]:
@@ -126,15 +134,14 @@ class TextEmbedStage:
 
 
 class EmbeddingLookupStage:
-    """prompt_index -> conditioning arrays read from the `srpo preprocess` parquet (no text encoder)."""
+    """prompt_index -> conditioning arrays read from the `srpo preprocess` parquet (no text encoder): the
+    columns its meta.json lists, i.e. the model family's ``conditioning_to_arrays`` columns."""
 
     def __init__(self, embeddings_dir: str) -> None:
         self.dir = embeddings_dir
 
     def __call__(self, batch: Batch) -> Batch:
-        embeds, pooled = load_embeddings(self.dir, [int(i) for i in batch["prompt_index"]])
-        batch["prompt_embeds"] = embeds.float().numpy()
-        batch["pooled"] = pooled.float().numpy()
+        batch.update(load_embeddings(self.dir, [int(i) for i in batch["prompt_index"]]))
         return batch
 
 

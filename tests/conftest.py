@@ -48,7 +48,7 @@ def tiny_scorers(w: dict[str, str]) -> str:
 def world_overrides(tiny_world: dict[str, str], out_dir: Path) -> list[str]:
     """Overrides that point configs/tiny.yaml at a tiny world and an output dir."""
     root = Path(tiny_world["flux"]).parent
-    return [tiny_scorers(tiny_world),
+    return [
         f"tiny.dir={root}", f"model.path={tiny_world['flux']}",
         f"reward.path={tiny_world['hps_checkpoint']}", f"reward.arch={tiny_world['hps_arch']}",
         f"data.prompts={REPO / 'configs/prompts/tiny_train.txt'}",
@@ -56,6 +56,7 @@ def world_overrides(tiny_world: dict[str, str], out_dir: Path) -> list[str]:
         f"output.dir={out_dir}",
         # A store per test, beside its run (the product's default is mlflow.db in the working directory).
         f"log.tracking_uri=sqlite:///{out_dir / 'mlflow.db'}",
+        tiny_scorers(tiny_world),
     ]
 
 

@@ -83,7 +83,9 @@ def test_preprocess_counts_embeddings_resume_and_append(tiny_cfg, ray_local, tmp
     assert read_captions(out) == unique  # prompt_index = first-occurrence order
 
     # Bit-identical to the adapter, and the truncation flags of the long prompt are stored.
-    embeds, pooled = load_embeddings(out, list(range(len(unique))))
+    loaded = load_embeddings(out, list(range(len(unique))))
+    assert sorted(loaded) == ["pooled", "prompt_embeds"]  # the FLUX adapter's conditioning columns
+    embeds, pooled = torch.from_numpy(loaded["prompt_embeds"]), torch.from_numpy(loaded["pooled"])
     ref_all_embeds, ref_all_pooled = _reference(model, max_len, unique + new)  # one batch: batching must not matter
     ref_embeds, ref_pooled = ref_all_embeds[:len(unique)], ref_all_pooled[:len(unique)]
     torch.testing.assert_close(embeds, ref_embeds, rtol=0, atol=0)
@@ -133,7 +135,8 @@ def test_preprocess_counts_embeddings_resume_and_append(tiny_cfg, ray_local, tmp
     assert resumed.encoded == n_lost + len(new) and resumed.already_done == len(unique) - n_lost
     assert not list(out.glob("*.tmp"))
     assert read_captions(out) == unique + new  # the lost prompts kept their indices, new ones come next
-    all_embeds, all_pooled = load_embeddings(out, list(range(len(unique) + len(new))))
+    loaded = load_embeddings(out, list(range(len(unique) + len(new))))
+    all_embeds, all_pooled = torch.from_numpy(loaded["prompt_embeds"]), torch.from_numpy(loaded["pooled"])
     torch.testing.assert_close(all_embeds, ref_all_embeds, rtol=0, atol=0)
     torch.testing.assert_close(all_pooled, ref_all_pooled, rtol=0, atol=0)
 
@@ -235,3 +238,58 @@ def test_preprocess_preflight_names_the_model_folder_and_empty_prompts(tiny_worl
         main(["--config", str(REPO / "configs/tiny.yaml"), *tiny_overrides, f"model.path={broken}"])
     err = capsys.readouterr().err
     assert err.startswith("config error: model.path:") and "vae" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_folder_written_in_the_first_format_still_trains(tiny_cfg, tmp_path):
+    """A FLUX folder as `srpo preprocess` wrote it before the columns came from the family (a fixed
+    prompt_embeds + pooled schema, meta.json with clip_max_length), written here with pyarrow alone:
+    it passes the compatibility check and the lookup stage gives its arrays back unchanged."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowTensorArray
+
+    from pipeline.sources import EmbeddingLookupStage
+
+    cfg = tiny_cfg()
+    model = Path(cfg.model.path)
+    d_t5 = json.loads((model / "text_encoder_2" / "config.json").read_text())["d_model"]
+    d_clip = json.loads((model / "text_encoder" / "config.json").read_text())["hidden_size"]
+    n, length = 3, cfg.model.max_sequence_length
+    rng = np.random.default_rng(0)
+    embeds = rng.normal(size=(n, length, d_t5)).astype(np.float32)
+    pooled = rng.normal(size=(n, d_clip)).astype(np.float32)
+    out = tmp_path / "old"
+    out.mkdir()
+    pq.write_table(pa.table({
+        "prompt_index": pa.array(range(n), pa.int64()), "caption": pa.array(["a", "b", "c"]),
+        "prompt_embeds": ArrowTensorArray.from_numpy(embeds), "pooled": ArrowTensorArray.from_numpy(pooled),
+        "clip_truncated": pa.array([False] * n), "t5_truncated": pa.array([False] * n)}), out / "part-00000000.parquet")
+    (out / META).write_text(json.dumps({
+        "format_version": 1, "model.family": "flux", "model.path": str(model.resolve()),
+        "model.max_sequence_length": length, "shapes": {"prompt_embeds": [length, d_t5], "pooled": [d_clip]},
+        "dtype": "float32", "clip_max_length": 77, "complete": True,
+        "counts": {"prompts": n, "parts": 1, "clip_truncated": 0, "t5_truncated": 0}}))
+    assert check_compatible(out, cfg)["complete"] and read_captions(out) == ["a", "b", "c"]
+    batch = EmbeddingLookupStage(str(out))({"prompt_index": np.array([2, 0]), "caption": np.array(["c", "a"])})
+    np.testing.assert_array_equal(batch["prompt_embeds"], embeds[[2, 0]])
+    np.testing.assert_array_equal(batch["pooled"], pooled[[2, 0]])
+    assert batch["prompt_embeds"].dtype == batch["pooled"].dtype == np.float32
+    # The model folder's text encoder now gives another width than the folder holds: refused, naming the field.
+    meta = json.loads((out / META).read_text())
+    meta["shapes"]["pooled"] = [d_clip + 1]
+    (out / META).write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"^data\.prompt_embeddings: .* holds the columns .*'pooled': \["):
+        check_compatible(out, cfg)
+
+
+def test_write_parts_refuses_a_column_of_another_shape_than_meta(tmp_path):
+    from pipeline.ray.preprocess import write_parts
+
+    batch = {"prompt_index": np.array([0]), "caption": np.array(["a"]), "clip_truncated": np.array([False]),
+             "t5_truncated": np.array([False]), "prompt_embeds": np.zeros((1, 4, 3), np.float32)}
+    with pytest.raises(RuntimeError, match=r"column 'prompt_embeds' of per-row shape \(4, 3\); meta\.json says \[5, 3\]"):
+        write_parts(tmp_path, batch, {"prompt_embeds": [5, 3]})
+    with pytest.raises(RuntimeError, match=r"column 'pooled' of per-row shape missing"):
+        write_parts(tmp_path, batch, {"prompt_embeds": [4, 3], "pooled": [2]})
+    assert not list(tmp_path.iterdir())
+    assert write_parts(tmp_path, batch, {"prompt_embeds": [4, 3]}) == ["part-00000000.parquet"]

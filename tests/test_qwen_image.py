@@ -166,9 +166,16 @@ def test_decode_is_the_pipelines_and_differentiable(pipe, adapter):
     ref = pipe.image_processor.postprocess(pipe.vae.decode(z / std_inv + mean, return_dict=False)[0][:, :, 0],
                                            output_type="pt")
     torch.testing.assert_close(adapter.decode(x, RES), ref, rtol=0, atol=1e-6)
-    xg = x.clone().requires_grad_(True)
-    adapter.decode(xg, RES).mean().backward()
-    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    # The authors' reward input (reward.image_norm=minmax): the raw VAE frame min-max normalised per
+    # image, computed here in numpy.
+    raw = pipe.vae.decode(z / std_inv + mean, return_dict=False)[0][:, :, 0].detach().double().numpy()
+    lo, hi = raw.min(axis=(1, 2, 3), keepdims=True), raw.max(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(adapter.decode(x, RES, "minmax").detach().numpy(), (raw - lo) / (hi - lo),
+                               rtol=0, atol=1e-5)
+    for norm in ("clamp", "minmax"):
+        xg = x.clone().requires_grad_(True)
+        adapter.decode(xg, RES, norm).mean().backward()
+        assert xg.grad is not None and xg.grad.abs().sum() > 0
     assert all(p.grad is None for p in adapter.vae.parameters()), "the VAE is frozen"
 
 
@@ -335,6 +342,7 @@ def test_pickscore_preset_is_the_authors_qwen_image_recipe():
     assert c.srpo.positive_words == ["Natural-lighting", "Detail", "Detailed", "Real"]
     assert (c.optim.lr, c.optim.weight_decay, c.optim.max_grad_norm) == (3e-6, 1e-4, 50.0)
     assert (c.data.resolution, c.train.mixed_precision, c.model.activation_checkpointing) == (720, "bf16", True)
+    assert c.reward.image_norm == "minmax"  # (x - min) / (max - min) per image, not x / 2 + 0.5 clamped
     grid = grid_from_config(c.srpo, c.rollout.shift)
     # K = int(0.4 * 100) + 1; the grid runs over the unshifted 51-point base grid from index 5 to 40.
     assert grid.span == 41 and grid.N == 100
@@ -375,9 +383,10 @@ def _learn(world: dict[str, str], tmp: Path, lr: float) -> dict:
     held = read_prompts(cfg.data.heldout_prompts)
     cond = load_adapter("qwen_image", cfg.model.path, "cpu", MAX_SEQ, load_transformer=False).encode_prompts(held)
 
-    def reward() -> float:
-        return heldout_srp_reward(cfg, learner.adapter, learner.engine.transformer, learner.objective.reward_model,
-                                  cond, held, seed=HELDOUT_SEED)
+    def reward() -> dict[str, float]:  # as the reward sees the images in training (minmax), and as the pipeline
+        return {norm: heldout_srp_reward(cfg, learner.adapter, learner.engine.transformer,
+                                         learner.objective.reward_model, cond, held, seed=HELDOUT_SEED,
+                                         image_norm=norm) for norm in ("minmax", "clamp")}
 
     before = reward()
     learner.run()
@@ -386,12 +395,15 @@ def _learn(world: dict[str, str], tmp: Path, lr: float) -> dict:
 
 def test_learning_signal_heldout_reward_rises_and_lr_zero_stays(learned):
     run, still = learned[3e-3], learned[0.0]
-    print(f"\nheld-out mean SRP reward (full CFG rollouts): lr=3e-3 {run['before']:.5f} -> {run['after']:.5f};"
-          f" lr=0 {still['before']:.5f} -> {still['after']:.5f}")
-    assert run["before"] == pytest.approx(still["before"], abs=1e-7), "same start, same held-out noise"
-    # A clear rise, not noise (measured +0.057 on a base of 0.124).
-    assert run["after"] - run["before"] > 0.02
-    assert still["after"] == pytest.approx(still["before"], abs=1e-6)  # lr = 0: the same policy
+    for norm in ("minmax", "clamp"):
+        print(f"\nheld-out mean SRP reward ({norm} images, full CFG rollouts): lr=3e-3 {run['before'][norm]:.5f} -> "
+              f"{run['after'][norm]:.5f}; lr=0 {still['before'][norm]:.5f} -> {still['after'][norm]:.5f}")
+        assert run["before"][norm] == pytest.approx(still["before"][norm], abs=1e-7), "same start, same noise"
+        assert still["after"][norm] == pytest.approx(still["before"][norm], abs=1e-6)  # lr = 0: the same policy
+    # A clear rise, not noise: of the score the reward trains on (minmax images, measured 0.127 -> 0.153),
+    # and of the pipeline's images too (measured 0.124 -> 0.141; 0.124 -> 0.181 when trained on them).
+    assert run["after"]["minmax"] - run["before"]["minmax"] > 0.015
+    assert run["after"]["clamp"] - run["before"]["clamp"] > 0.01
 
 
 def test_export_loads_into_qwen_image_pipeline_and_reproduces_the_image(learned, tiny_qwen_world, tmp_path, pipe):
@@ -488,3 +500,97 @@ def test_ray_pipeline_runs_on_qwen_image(tiny_qwen_cfg, ray_local, tiny_qwen_wor
     model = QwenImageTransformer2DModel.from_pretrained(cfg.model.path, subfolder="transformer")
     loaded = model.load_state_dict(load_file(result["export"]), strict=True)
     assert not loaded.missing_keys and not loaded.unexpected_keys
+
+
+# ------------------------------------------------------------------------------------------ srpo preprocess
+
+LONG_PROMPT = ("a very detailed photograph of an old stone lighthouse on a rocky cliff above a stormy sea at "
+               "dusk with waves crashing against the rocks and seagulls circling the lamp")
+
+
+class _Recorder:
+    """A tracker that keeps the learner's logged metrics (every other call is a no-op)."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[int, dict[str, float]] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics[step] = dict(metrics)
+
+    def __getattr__(self, name: str):
+        return lambda *a, **kw: None
+
+
+def _two_steps(cfg) -> tuple[dict[int, dict[str, float]], dict[str, torch.Tensor]]:
+    from pipeline.checkpoint import LocalCheckpoints
+    from pipeline.learner import build_learner
+    from pipeline.sources import InProcessSource
+
+    recorder = _Recorder()
+    learner = build_learner(cfg, InProcessSource(cfg), LocalCheckpoints(Path(cfg.output.dir) / "ckpt", 1),
+                            device=torch.device("cpu"), tracker=recorder)
+    learner.run()
+    return recorder.metrics, {k: v.detach().clone() for k, v in learner.engine.transformer.state_dict().items()}
+
+
+def test_preprocess_then_training_from_the_parquet_equals_encoding_in_process(tiny_qwen_cfg, tiny_cfg, ray_local,
+                                                                           tiny_qwen_world, tmp_path):
+    """`srpo preprocess` on tiny Qwen-Image writes the family's four conditioning columns (masks and the
+    negative prompt included) and its truncation counts; two single-process training steps reading them
+    log the same losses and reach the same weights as two steps encoding the prompts in process. A
+    FLUX config refuses the folder on one line naming data.prompt_embeddings.
+
+    Tolerances: a prompt's Qwen2.5-VL output depends on its batch's padding by float32 rounding
+    (preprocess encodes 4 prompts at once, training 2, the reference here 1): measured at most 2.4e-7
+    (FLUX's fixed-length padding is bit-exact, tests/test_preprocess.py). Measured: step 0 bit-equal,
+    step 1's metrics within 3e-6 relative, weights within 1e-6; asserted at 1e-4 relative."""
+    from pipeline.data import read_prompts
+    from pipeline.embeddings import META, check_compatible, load_embeddings, read_captions
+    from pipeline.preflight import preflight
+    from pipeline.ray.preprocess import preprocess, read_embedding_dataset
+
+    prompts = tmp_path / "prompts.txt"
+    lines = read_prompts(REPO / "configs/prompts/tiny_train.txt")
+    prompts.write_text("\n".join([lines[0], LONG_PROMPT, *lines[1:]]) + "\n")
+    common = (f"data.prompts={prompts}", "learner.num_workers=0", "train.max_steps=2", "log.image_every=0",
+              "rollout.placement=colocated", "reward.placement=colocated")
+    in_process = tiny_qwen_cfg(*common)
+    out = tmp_path / "emb"
+    report = preprocess(in_process, out, batch_size=4, num_actors=1, progress=False)
+
+    # Counts and the arrays, against the adapter's own encoding, one prompt at a time, untruncated.
+    captions = read_captions(out)
+    assert captions == read_prompts(prompts) and report.encoded == len(captions) == 17
+    wide = load_adapter("qwen_image", in_process.model.path, "cpu", max_sequence_length=1024, load_transformer=False)
+    kept = [int(wide.encode_prompts([c]).prompt_mask.sum()) for c in captions]
+    assert (report.truncated_t5, report.truncated_clip) == (sum(n > MAX_SEQ for n in kept), 0) and kept[1] > MAX_SEQ
+    meta = json.loads((out / META).read_text())
+    d = wide.encode_prompts([captions[0]]).prompt_embeds.shape[-1]
+    assert meta["shapes"] == {"prompt_embeds": [MAX_SEQ, d], "prompt_mask": [MAX_SEQ],
+                              "negative_embeds": [MAX_SEQ, d], "negative_mask": [MAX_SEQ]}
+    loaded = load_embeddings(out, range(len(captions)))
+    narrow = load_adapter("qwen_image", in_process.model.path, "cpu", MAX_SEQ, load_transformer=False)
+    for i in (0, 1, 5):
+        one = narrow.conditioning_to_arrays(narrow.encode_prompts([captions[i]]))
+        for k, a in one.items():
+            np.testing.assert_allclose(loaded[k][i], a[0], rtol=0, atol=1e-5, err_msg=f"{k} of prompt {i}")
+    assert loaded["prompt_mask"][1].sum() == MAX_SEQ and loaded["prompt_mask"][0].sum() < MAX_SEQ
+    assert sorted(read_embedding_dataset(out).columns()) == sorted(["prompt_index", "caption", *meta["shapes"]])
+
+    # Training reads them: same losses and weights as encoding in process.
+    from_parquet = tiny_qwen_cfg(*common, f"data.prompt_embeddings={out}", f"output.dir={tmp_path / 'run2'}")
+    (m_a, w_a), (m_b, w_b) = _two_steps(in_process), _two_steps(from_parquet)
+    assert sorted(m_a) == sorted(m_b) == [0, 1]
+    for step in (0, 1):
+        for key in ("loss", "denoise/reward", "grad_norm"):
+            assert m_b[step][key] == pytest.approx(m_a[step][key], rel=1e-4, abs=1e-7), (step, key)
+    for k in w_a:
+        torch.testing.assert_close(w_b[k], w_a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+    # Another family's config: refused on one line naming the field, by the check and by the pre-flight.
+    flux = tiny_cfg(f"data.prompt_embeddings={out}")
+    expected = r"^data\.prompt_embeddings: .* was made with model\.family='qwen_image', this config has model\.family='flux'"
+    for check in (lambda: check_compatible(out, flux), lambda: preflight(flux)):
+        with pytest.raises(ConfigError, match=expected) as e:
+            check()
+        assert "\n" not in str(e.value)

@@ -231,3 +231,42 @@ def test_score_many_matches_direct_scoring(trainer, handles):
     for key, val in expected.items():
         assert got[key] == pytest.approx(float(val), rel=1e-4, abs=1e-7), key
     assert got["reward"] != pytest.approx(got["pos_score"])  # the contrast is not degenerate
+
+
+def test_minmax_image_norm_relay_equals_colocated(tiny_cfg, ray_cluster):
+    """reward.image_norm=minmax (the authors' Qwen-Image reward input) reaches both placements: a
+    RewardWorker in this process equals the colocated objective exactly, a reward actor's step
+    gradients and rollout scores equal the colocated ones (tolerance: module docstring), and they
+    differ from clamp's, so the norm is really applied on both sides."""
+    cfg = tiny_cfg(*REMOTE, "reward.num_actors=1", "reward.image_norm=minmax")
+    torch.manual_seed(0)
+    tr = SRPOTrainer(cfg)
+    assert tr.objective.image_norm == "minmax"
+    batch = _batch(tr)
+    plan = plan_branches(tr.grid, LEVELS[0], "Detail", "Anime")[0]
+    x0_hat = direct_align(lambda x, s: tr.adapter.velocity(tr.transformer, x, s, batch.cond, 3.5, 64),
+                          batch.x0, batch.eps, plan).detach()
+    req = request_for(plan, batch.captions, cfg.srpo)
+    worker = RewardWorker.from_config(cfg)
+    grad, result = worker.loss_grad(x0_hat, req)
+    expected, expected_result = tr.objective.loss_grad(x0_hat, req)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    assert result == expected_result
+    clamp_grad, _ = ColocatedReward(tr.adapter, tr.reward_model, 64).loss_grad(x0_hat, req)
+    assert (grad - clamp_grad).abs().max() > 0.1 * clamp_grad.abs().max()
+
+    key = tuple(sorted(worker_kwargs(cfg).items()))
+    if key not in ray_cluster:
+        ray_cluster[key] = start_reward_actors(cfg)
+    handles = ray_cluster[key]
+    colocated, m_col = _step_grads(tr, tr.objective, batch)
+    relayed, m_rem = _step_grads(tr, RemoteReward(handles), batch)
+    _assert_grads_close(relayed, colocated)
+    _assert_branches_close(m_rem, m_col)
+    got = RemoteReward(handles).score_many(batch.x0, batch.captions, "Detail", "Anime", 0.2, form="cfg")
+    want = tr.objective.score_many(batch.x0, batch.captions, "Detail", "Anime", 0.2, form="cfg")
+    clamp = ColocatedReward(tr.adapter, tr.reward_model, 64).score_many(batch.x0, batch.captions, "Detail",
+                                                                        "Anime", 0.2, form="cfg")
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-7), k
+    assert want["pos_score"] != pytest.approx(clamp["pos_score"], rel=1e-3)

@@ -96,3 +96,27 @@ def test_staleness_bound_holds_with_a_slow_learner(tiny_cfg, tiny_world, store, 
     assert min(lags) >= 0
     if max_staleness == 0:
         assert set(lags) == {0}
+
+
+def test_a_reused_generation_is_rolled_out_for_its_first_step(tiny_cfg, tiny_world, store, ray_local):
+    """rollout.reuse=2 with max_staleness=0: generation g (its rows carry step 2g) waits for version 2g,
+    the policy of the first step it serves; the learner then trains two steps on it (two versions)."""
+    from pipeline.ray.stream import build_dataset
+    from pipeline.sources import global_batch
+
+    cfg = tiny_cfg("rollout.placement=actors", "rollout.num_actors=2", "rollout.max_staleness=0", "rollout.reuse=2",
+                   "train.batch_size=2", "learner.num_workers=1", "train.max_steps=5", "rollout.steps=2")
+    learner = load_adapter("flux", tiny_world["flux"], load_text_encoders=False).transformer
+    publish_state(store, 0, learner.state_dict())
+    ds = build_dataset(cfg, store)
+    ds.context.execution_options.preserve_order = True
+    versions = []
+    for g, batch in enumerate(ds.iter_batches(batch_size=global_batch(cfg), drop_last=True,
+                                               batch_format="numpy", prefetch_batches=0)):
+        assert batch["step"].tolist() == [2 * g] * global_batch(cfg)
+        assert batch["sample_index"].tolist() == [2 * g, 2 * g + 1], "generation g holds one step's samples"
+        versions.append(sorted(set(int(v) for v in batch["policy_version"])))
+        for step in (2 * g, 2 * g + 1):  # two optimizer steps on the generation, a version each
+            time.sleep(0.3)
+            publish_state(store, step + 1, _perturbed(learner.state_dict(), 0.001, step))
+    assert versions == [[0], [2], [4]], "3 generations for 5 steps, each made by its first step's policy"

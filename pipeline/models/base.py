@@ -17,11 +17,56 @@ engines, export and the trainers do not change. Two levels:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+
+#: How a decoded image becomes the reward's [0, 1] input (``reward.image_norm``); see :func:`unit_image`.
+IMAGE_NORMS = ("clamp", "minmax")
+#: minmax's floor on max - min: below one 8-bit level of the VAE's [-1, 1] range (2/255 = 0.008).
+MINMAX_EPS = 1e-3
+
+
+def unit_image(decoded: Tensor, norm: str = "clamp") -> Tensor:
+    """The VAE's output [B, 3, H, W] (nominally in [-1, 1]) as an image in [0, 1], differentiable, same dtype.
+
+    clamp: ``x / 2 + 0.5`` clamped to [0, 1], as diffusers' image processor denormalises (what every
+    pipeline returns); no gradient where the VAE overshoots [-1, 1].
+    minmax: ``(x - min) / (max - min)`` per image (over channels and pixels), as the SRPO authors'
+    Qwen-Image script feeds its reward: every pixel keeps a gradient, and min and max get one too.
+    """
+    x = decoded
+    if norm == "clamp":
+        return (x / 2 + 0.5).clamp(0, 1)
+    if norm != "minmax":
+        raise ValueError(f"image norm: got {norm!r}, expected one of {list(IMAGE_NORMS)}")
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    # A flat image (max == min) would be 0 / 0 (NaN in the loss and every gradient). Flooring the range
+    # at MINMAX_EPS maps it to 0 instead, and an image flatter than the floor (flat to the eye) to
+    # [0, range / eps) inside [0, 1], with a gradient bounded by 1 / eps rather than 1 / range.
+    return (x - lo) / (hi - lo).clamp_min(MINMAX_EPS)
+
+
+def token_lengths(tokenizer: Any, texts: Sequence[str], chunk: int = 4096) -> np.ndarray:
+    """Untruncated token counts including special tokens (what an encoder would see without a limit):
+    what the families' ``truncation_flags`` compare with their limits."""
+    import transformers
+
+    out: list[int] = []
+    # Tokenizing past model_max_length on purpose: silence the "sequence too long" warning.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        for i in range(0, len(texts), chunk):
+            ids = tokenizer(list(texts[i:i + chunk]), truncation=False, add_special_tokens=True)["input_ids"]
+            out.extend(len(x) for x in ids)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return np.asarray(out, dtype=np.int64)
 
 
 class Conditioning(Protocol):
@@ -54,6 +99,12 @@ class ModelFamily(Protocol):
     @classmethod
     def load_tokenizers(cls, model_path: str | Path) -> tuple[Any, ...]: ...
 
+    # Per caption, as encode_prompts cuts it: (cut by a text encoder's own token limit, longer than
+    # max_sequence_length tokens): `srpo preprocess`'s clip_truncated / t5_truncated columns.
+    @classmethod
+    def truncation_flags(cls, tokenizers: tuple[Any, ...], captions: Sequence[str],
+                         max_sequence_length: int) -> tuple[np.ndarray, np.ndarray]: ...
+
     @staticmethod
     def shard_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]: ...  # FSDP2 units, in order
 
@@ -85,7 +136,8 @@ class FlowModelAdapter(ModelFamily, Protocol):
     def velocity(self, transformer: torch.nn.Module, x: Tensor, sigma: float | Tensor, cond: Any,
                  guidance: float, resolution: int) -> Tensor: ...
 
-    def decode(self, x: Tensor, resolution: int) -> Tensor: ...  # image in [0, 1], differentiable
+    # Image in [0, 1], differentiable; ``norm``: how the VAE's output gets there (unit_image, reward.image_norm).
+    def decode(self, x: Tensor, resolution: int, norm: str = "clamp") -> Tensor: ...
 
     def encode_images(self, images: Tensor) -> Tensor: ...  # [0, 1] images -> model latents
 

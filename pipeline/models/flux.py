@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.models.base import token_lengths, unit_image
 from pipeline.models.flux_sampling import sample_batch
 from pipeline.models.layout import check_diffusers_folder
 from pipeline.schedules import model_timestep
@@ -206,6 +207,15 @@ class FluxAdapter:
         return (AutoTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),
                 AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True))
 
+    @classmethod
+    def truncation_flags(cls, tokenizers: tuple[Any, Any], captions: Sequence[str],
+                         max_sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(longer than CLIP's model_max_length, 77 with specials; longer than max_sequence_length T5
+        tokens) per caption: what :meth:`encode_prompts` cuts."""
+        clip_tok, t5_tok = tokenizers
+        return (token_lengths(clip_tok, captions) > clip_tok.model_max_length,
+                token_lengths(t5_tok, captions) > max_sequence_length)
+
     @staticmethod
     def shard_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
         """The units FSDP2 shards one by one: every double-stream block, then every single-stream block
@@ -327,12 +337,12 @@ class FluxAdapter:
                             mixed_precision)
 
     # ---------------------------------------------------------------- VAE
-    def decode(self, x: Tensor, resolution: int) -> Tensor:
-        """Packed model latent -> image in [0, 1], differentiable w.r.t. ``x`` (the VAE is frozen)."""
+    def decode(self, x: Tensor, resolution: int, norm: str = "clamp") -> Tensor:
+        """Packed model latent -> image in [0, 1] (``norm``: :func:`unit_image`; "clamp" is FluxPipeline's),
+        differentiable w.r.t. ``x`` (the VAE is frozen)."""
         h, w = self.latent_hw(resolution)
         z = denormalize_vae_latent(unpack_latents(x, h, w))
-        decoded = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-        return (decoded.float() / 2 + 0.5).clamp(0, 1)
+        return unit_image(self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0].float(), norm)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:

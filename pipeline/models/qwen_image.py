@@ -31,12 +31,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.models.base import token_lengths, unit_image
 from pipeline.models.flux import pack_latents
 from pipeline.models.flux import unpack_latents as _unpack_2d
 from pipeline.models.layout import check_diffusers_folder
@@ -240,6 +241,16 @@ class QwenImageAdapter:
             raise FileNotFoundError(f"{root / 'tokenizer'}: missing; expected the Qwen-Image component 'tokenizer'")
         return (AutoTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True),)
 
+    @classmethod
+    def truncation_flags(cls, tokenizers: tuple[Any], captions: Sequence[str],
+                         max_sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per caption, the tokens :meth:`encode_prompts` keeps (the templated prompt's, less the
+        template's first PROMPT_TEMPLATE_DROP): (more than the tokenizer's TOKENIZER_MAX_LENGTH, more
+        than max_sequence_length); the first implies the second unless max_sequence_length > 1024."""
+        (tokenizer,) = tokenizers
+        kept = token_lengths(tokenizer, [PROMPT_TEMPLATE.format(c) for c in captions]) - PROMPT_TEMPLATE_DROP
+        return kept > TOKENIZER_MAX_LENGTH, kept > max_sequence_length
+
     @staticmethod
     def shard_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
         """The units FSDP2 shards one by one: every QwenImageTransformerBlock (the authors wrap and
@@ -366,13 +377,14 @@ class QwenImageAdapter:
         std_inv = 1.0 / torch.tensor(c.latents_std).view(1, c.z_dim, 1, 1, 1).to(like.device, like.dtype)
         return mean, std_inv
 
-    def decode(self, x: Tensor, resolution: int) -> Tensor:
-        """Packed model latent -> image in [0, 1], differentiable w.r.t. ``x`` (the VAE is frozen)."""
+    def decode(self, x: Tensor, resolution: int, norm: str = "clamp") -> Tensor:
+        """Packed model latent -> image in [0, 1], differentiable w.r.t. ``x`` (the VAE is frozen). ``norm``:
+        :func:`unit_image`; "clamp" is the pipeline's VaeImageProcessor.denormalize, "minmax" the
+        authors' script's reward input."""
         h, w = self.latent_hw(resolution)
         z = unpack_latents(x, h, w).to(self.vae.dtype)
         mean, std_inv = self._latent_stats(z)
-        decoded = self.vae.decode(z / std_inv + mean, return_dict=False)[0][:, :, 0]
-        return (decoded.float() * 0.5 + 0.5).clamp(0, 1)  # VaeImageProcessor.denormalize
+        return unit_image(self.vae.decode(z / std_inv + mean, return_dict=False)[0][:, :, 0].float(), norm)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
