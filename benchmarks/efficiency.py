@@ -17,6 +17,10 @@ Configurations:
     compile        rollout.compile=true
     bf16           rollout.dtype=bf16 (the learner stays fp32)
     offline        rollout.mode=offline on scikit-image's sample photos (no rollout at all)
+    fast           steps-12 + bf16 + compile together
+    bf16-steps-12  steps-12 + bf16, without compile
+    all-bf16-steps-12  steps-12 with the learner in bf16 autocast too (train.mixed_precision=bf16, the
+                   precision of the GPU recipes; fp32 master weights either way)
 
 Reported: reward against training wall time per configuration and seed; the target is the reference's
 final held-out reward (mean over seeds); each configuration's time to reach it is read off its
@@ -69,6 +73,9 @@ CONFIGS = {
     "compile": ["rollout.compile=true"],
     "bf16": ["rollout.dtype=bf16"],
     "offline": ["rollout.mode=offline"],
+    "fast": ["rollout.steps=12", "rollout.dtype=bf16", "rollout.compile=true"],
+    "bf16-steps-12": ["rollout.steps=12", "rollout.dtype=bf16"],
+    "all-bf16-steps-12": ["rollout.steps=12", "train.mixed_precision=bf16"],
 }
 HELDOUT_SEED = 4321  # noise never used in training
 PHOTOS = {"astronaut": "an astronaut in a white suit in front of a flag",
@@ -180,6 +187,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def previous_runs(path: Path, args) -> tuple[dict[str, list[dict[str, Any]]], float]:
+    """--append: the runs of an earlier report measured the same way, and its shared initial reward."""
+    old = json.loads(path.read_text())
+    same = (old["preset"], old["budget_s"], old["evals"], old["seeds"]) == (args.preset, args.budget, args.evals,
+                                                                            args.seeds)
+    if not same:
+        sys.exit(f"--append: {path} was measured with another preset, budget, evals or seeds")
+    return old["runs"], old["initial_reward"]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -189,6 +206,8 @@ def main() -> int:
     p.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="configurations to run (reference is always run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="overrides for every configuration")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/efficiency.json"))
+    p.add_argument("--append", action="store_true",
+                   help="keep the runs already in --out (same preset, budget, evals and seeds) and add these")
     args = p.parse_args()
     size, preset, n_prompts = PRESETS[args.preset]
     world = make_tiny_world(REPO / ".cache" / "bench" / f"world-{size}", seed=0, size=size)
@@ -204,7 +223,12 @@ def main() -> int:
     names = ["reference"] + [n for n in (args.only or CONFIGS) if n != "reference"]
     runs: dict[str, list[dict[str, Any]]] = {}
     start = None
+    if args.append:
+        runs, start = previous_runs(Path(args.out), args)
+        names = [n for n in runs if n not in names] + names
     for name in names:
+        if name in runs:
+            continue
         for seed in args.seeds:
             cfg = load_config(REPO / "configs/tiny.yaml", base + CONFIGS[name] + [
                 f"seed={seed}", f"output.dir={root / name / str(seed)}"])
@@ -220,9 +244,10 @@ def main() -> int:
             last = result["curve"][-1]
             print(f"{name:>10} seed {seed}: {result['steps']} steps in {last['train_s']:.0f}s, held-out reward "
                   f"{start:.4f} -> {last['reward']:.4f}  (load before {load:.1f})", flush=True)
-    report = {"command": " ".join(sys.argv), "preset": args.preset, "budget_s": args.budget, "evals": args.evals,
+    commands = json.loads(Path(args.out).read_text()).get("commands", []) if args.append else []
+    report = {"commands": commands + [" ".join(sys.argv)], "preset": args.preset, "budget_s": args.budget, "evals": args.evals,
               "seeds": args.seeds, "heldout_prompts": n_prompts, "initial_reward": start, "base_overrides": base,
-              "configs": {n: CONFIGS[n] for n in names}, "runs": runs,
+              "configs": {n: CONFIGS[n] for n in runs}, "runs": runs,
               "summary": summarise(runs, start, args.budget),
               "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
                        "torch_threads": torch.get_num_threads()}}

@@ -75,7 +75,9 @@ class RolloutConfig:
     max_staleness: int = 1  # policy versions a sample may lag the learner (placement=actors)
     weight_sync: Literal["object_store", "broadcast"] = "object_store"
     steps: int = 25  # S, Euler steps from sigma=1 to 0
-    guidance: float = 1.0  # distilled guidance fed to FLUX during rollout (HPS 1.0, PickScore 2.0)
+    # The rollout's guidance, as the family takes it (FLUX: its distilled guidance embedding, HPS 1.0 and
+    # PickScore 2.0 in the FLUX recipes; Qwen-Image: the true-CFG scale, 4 in the authors' recipe).
+    guidance: float = 1.0
     shift: float = 3.0  # s of shift(t) = s t / (1 + (s - 1) t)
     # The reference draws one noise per step and broadcasts it to all ranks.
     share_noise_across_ranks: bool = True

@@ -8,7 +8,8 @@ A *row* is one sample; a *batch* is one device's share of a step, a dict of nump
     caption      str     the plain caption (control words never reach the generator)
     noise_seed   int64   regenerates the noise prior eps (draw_eps)
     level_seed   int64   regenerates the noise levels m of Direct-Align (draw_sample_levels)
-    + stage outputs: prompt_embeds/pooled (the adapter's conditioning arrays), x0/eps [tokens, C]
+    + stage outputs: the family's conditioning columns (adapter.conditioning_to_arrays; FLUX:
+      prompt_embeds, pooled), x0/eps [tokens, C]
       (rollout actors or real images), policy_version, rollout_s, weight_sync_s
 
 A row's content is a function of its sample index alone, so a stream can start at any step (the

@@ -188,3 +188,12 @@ def test_bf16_rollout_stays_close_to_fp32(tiny_world, tmp_path):
     rel = ((x16 - x32).norm() / x32.norm()).item()
     assert rel < 0.05, rel
     assert all(p.dtype == torch.float32 for p in bf16[0].engine.transformer.parameters())
+
+
+def test_fast_preset_is_the_reference_recipe_with_a_cheaper_rollout():
+    fast = load_config(REPO / "configs/flux_hpsv2_fast.yaml").to_dict()
+    ref = load_config(REPO / "configs/flux_hpsv2.yaml").to_dict()
+    assert (fast["rollout"].pop("steps"), ref["rollout"].pop("steps")) == (12, 25)
+    assert (fast["rollout"].pop("dtype"), ref["rollout"].pop("dtype")) == ("bf16", "auto")
+    assert ref["train"]["mixed_precision"] == "bf16", "auto is bf16 in the reference too: same rollout precision"
+    assert fast == ref

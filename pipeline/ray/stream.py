@@ -1,13 +1,14 @@
 """The Ray Data stream feeding the learner.
 
     online:  prompts (txt / parquet), cycled to max_steps x global_batch rows
-               --map_batches(TextEmbedStage, ActorPool)-->  + prompt_embeds [L, d_t5], pooled [d_clip]
+               --map_batches(TextEmbedStage, ActorPool)-->  + the family's conditioning columns
+                                                              (FLUX: prompt_embeds [L, d_t5], pooled [d_clip])
                   (or, with data.prompt_embeddings: the `srpo preprocess` parquet, no text encoder)
                --map_batches(RolloutStage, ActorPool)-->    + x0, eps [tokens, 64], policy_version
                                                               (placement=actors; colocated: the learner rolls out)
     offline: usable images (pipeline/images.py pre-flight scan), cycled the same way
                --map_batches(ImageEncodeStage, ActorPool)--> + x0 (VAE latent), eps (fresh per sample)
-               --map_batches(TextEmbedStage, ActorPool)-->   + prompt_embeds, pooled
+               --map_batches(TextEmbedStage, ActorPool)-->   + the conditioning columns
     --> Ray Train: get_dataset_shard("train"), per_device_batch rows per step
 
 Rows start at ``start_step`` (a resumed run): the rows of a step never depend on earlier rows, so
