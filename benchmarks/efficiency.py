@@ -50,7 +50,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DIFFUSERS_VE
 
 import torch  # noqa: E402
 
-from pipeline.checkpoint import LocalCheckpoints  # noqa: E402
+from pipeline.checkpoint import LocalCheckpoints, write_json_atomic  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import read_prompts  # noqa: E402
 from pipeline.gold import heldout_srp_reward  # noqa: E402
@@ -251,11 +251,7 @@ def main() -> int:
               "summary": summarise(runs, start, args.budget),
               "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
                        "torch_threads": torch.get_num_threads()}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out)
+    out = write_json_atomic(args.out, report)
     plot(report, out.with_suffix(".png"))
     print(json.dumps(report["summary"], indent=1))
     return 0

@@ -12,7 +12,6 @@ holds the compilation, reported apart), and the distance of its x0 from the refe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DIFFUSERS_VE
 
 import torch  # noqa: E402
 
+from pipeline.checkpoint import write_json_atomic  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import read_prompts  # noqa: E402
 from pipeline.models import load_adapter  # noqa: E402
@@ -97,11 +97,7 @@ def main() -> int:
               "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "avx512_bf16": "avx512_bf16" in flags,
                        "amx_bf16": "amx_bf16" in flags}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out)
+    write_json_atomic(args.out, report)
     return 0
 
 
