@@ -388,9 +388,15 @@ class FSDP2Engine(_DCPCheckpoints):
         the branches' gradients accumulate unsharded and are reduce-scattered once, in the last
         backward (FSDP2's no-sync accumulation). The price is a whole model and a whole gradient per
         rank during the step, as DDP: for small models or interconnects where collectives dominate.
-        Everything is resharded before ``step`` clips the sharded gradients."""
+        A colocated rollout just before the step leaves the blocks gathered (see
+        :meth:`gathered_for_inference`), so the step's forwards reuse them: one all-gather per step
+        for rollout and update together. Everything is resharded before ``step`` clips the sharded
+        gradients."""
         if not self.keep_gathered or backwards < 2:
-            yield
+            try:
+                yield
+            finally:
+                self._reshard_all()  # blocks a rollout left gathered: FSDP2's per-forward gathers from here
             return
         for module in self._fsdp_modules:
             module.set_reshard_after_forward(False, recurse=False)
@@ -401,34 +407,42 @@ class FSDP2Engine(_DCPCheckpoints):
             yield
         finally:
             self._backwards_left = 0
+            self._reshard_all()
             for module in self._fsdp_modules:
-                module.reshard()
                 module.set_requires_gradient_sync(True, recurse=False)
                 module.set_reshard_after_backward(True, recurse=False)
-                if module is not self.transformer:  # the root keeps FSDP2's default (no reshard after forward)
-                    module.set_reshard_after_forward(True, recurse=False)
 
     @contextmanager
     def gathered_for_inference(self) -> Iterator[None]:
         """All-gather every block once and keep it whole for the context (the colocated rollout's
-        denoising steps), then free the gathered copies. Without it FSDP2 re-gathers every block in
-        every one of the rollout's forwards: rollout.steps x the model's bytes per rank."""
+        denoising steps). Without it FSDP2 re-gathers every block in every one of the rollout's
+        forwards: rollout.steps x the model's bytes per rank. With ``keep_gathered`` the blocks stay
+        gathered after a clean exit, for the SRPO step that follows (its ``step_scope`` reshards,
+        and ``step`` never updates weights while gathered copies exist); otherwise they are freed."""
         for module in self._fsdp_modules:
             module.set_reshard_after_forward(False, recurse=False)
         try:
             for module in self._fsdp_modules:
                 module.unshard()
             yield
-        finally:
-            for module in self._fsdp_modules:
-                module.reshard()
-                if module is not self.transformer:  # the root keeps FSDP2's default (no reshard after forward)
-                    module.set_reshard_after_forward(True, recurse=False)
+        except BaseException:
+            self._reshard_all()
+            raise
+        if not self.keep_gathered:
+            self._reshard_all()
+
+    def _reshard_all(self) -> None:
+        """Free every gathered block (a no-op for sharded ones) and restore FSDP2's defaults."""
+        for module in self._fsdp_modules:
+            module.reshard()
+            if module is not self.transformer:  # the root keeps FSDP2's default (no reshard after forward)
+                module.set_reshard_after_forward(True, recurse=False)
 
     def step(self, max_grad_norm: float) -> float:
         """``clip_grad_norm_`` on DTensor gradients computes the norm of the whole gradient (the
         shard norms are combined by an all-reduce); ``full_tensor()`` makes it a plain float, the
         same on every rank because every rank receives the one all-reduced value."""
+        self._reshard_all()  # gathered copies would go stale under the update
         return optimizer_step(self.transformer, self.optimizer, max_grad_norm)
 
     def full_state_dict(self, rank0_only: bool = True) -> dict[str, Tensor]:

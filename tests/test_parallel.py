@@ -164,6 +164,7 @@ def _worker(rank: int, world_size: int, port: int, job_path: str) -> None:
     from pipeline.parallel import DeepSpeedZeroEngine, build_engine
     from pipeline.srpo_step import StepBatch, grid_from_config, srpo_backward
     from pipeline.objective import reward_model_from_config
+    from pipeline.rollout import sample_x0
 
     job = torch.load(job_path, weights_only=True)
     cfg = load_config(REPO / "configs/tiny.yaml", job["overrides"])
@@ -201,6 +202,12 @@ def _worker(rank: int, world_size: int, port: int, job_path: str) -> None:
                 reward = _OverlappedRelay(objective) if spec["relay"] else objective
                 assert cfg.srpo.variant == "reference"  # two branches: denoise + inversion
                 COLLECTIVES.update(dict.fromkeys(COLLECTIVES, 0))
+                if strategy == "fsdp2":  # the colocated rollout's no-grad forwards, just before the step
+                    engine.transformer.eval()
+                    with torch.no_grad(), engine.gathered_for_inference():
+                        result["rollout"] = sample_x0(adapter, engine.transformer, batch.eps, batch.cond,
+                                                      cfg.data.resolution, 2, cfg.rollout.shift, cfg.rollout.guidance)
+                    engine.transformer.train()
                 with engine.step_scope(2):
                     srpo_backward(adapter, engine.transformer, reward, grid, cfg.srpo, batch, STEP, torch.Generator(),
                                   cfg.data.resolution, cfg.rollout.shift, mixed_precision=cfg.train.mixed_precision,
@@ -255,6 +262,7 @@ def _worker(rank: int, world_size: int, port: int, job_path: str) -> None:
 def parity(tiny_cfg, tiny_overrides, tmp_path):
     """The batch of 2 (written for the ranks), the initial weights and the reference step per case."""
     from helpers import StepHarness as SRPOTrainer
+    from pipeline.rollout import sample_x0
     from pipeline.srpo_step import StepBatch
 
     overrides = tiny_overrides + ["train.batch_size=2"]
@@ -267,12 +275,17 @@ def parity(tiny_cfg, tiny_overrides, tmp_path):
     batch = StepBatch(x0=r.x0, eps=r.eps, cond=r.cond, captions=r.captions)
     initial = {k: v.detach().clone() for k, v in tr.transformer.state_dict().items()}
     refs = {case: _reference_step(tr, batch, initial, case) for case in CASES}
+    tr.transformer.load_state_dict(initial)
+    with torch.no_grad():  # rank 0's 2-step rollout from the initial weights (LoRA's B starts at zero)
+        cond0 = type(r.cond)(r.cond.prompt_embeds[:1], r.cond.pooled[:1], r.cond.text_ids)
+        rollout = sample_x0(tr.adapter, tr.transformer, r.eps[:1], cond0, tr.cfg.data.resolution, 2,
+                            tr.cfg.rollout.shift, tr.cfg.rollout.guidance)
     for case, (state, norm) in refs.items():
         moved = max(float((state[k] - initial[k]).abs().max()) for k in state)
         assert moved > 20 * CASES[case]["atol"], f"{case}: the step must move the weights far beyond the tolerance"
         if CASES[case]["optim"].get("max_grad_norm"):
             assert norm > 2 * CASES[case]["optim"]["max_grad_norm"], f"{case}: clipping must be active"
-    return dict(overrides=overrides, batch=str(batch_path), initial=initial, refs=refs, out=tmp_path)
+    return dict(overrides=overrides, batch=str(batch_path), initial=initial, refs=refs, rollout=rollout, out=tmp_path)
 
 
 def _run_ranks(parity, engines: list[tuple[str, int, str]]) -> None:
@@ -352,10 +365,15 @@ def test_sharded_engine_matches_single_process(parity, strategy, zero_stage, tag
         if strategy == "fsdp2":  # per step, for M sharded modules (blocks + root)
             counts, m = ranks[0]["collectives"], ranks[0]["fsdp_modules"]
             g = m - 1 if CASES[case].get("lora") else m  # LoRA: the root's own parameters are frozen, no gradient
-            if tag.endswith("gathered"):  # each module gathered once, one reduce-scatter of the summed branches
+            # Both begin with a 2-step rollout in gathered_for_inference (one gather of each module).
+            if tag.endswith("gathered"):  # the step reuses the rollout's gathered modules, one reduce-scatter
                 assert counts == {"all_gather_single": m, "reduce_scatter_single": g}, (case, counts)
-            else:  # each branch reduce-scatters; blocks are gathered again in each backward
-                assert counts["reduce_scatter_single"] == 2 * g and counts["all_gather_single"] > 2 * m, (case, counts)
+            else:  # freed after the rollout; each branch reduce-scatters, each forward and backward gathers
+                assert counts["reduce_scatter_single"] == 2 * g and counts["all_gather_single"] > 3 * m, (case, counts)
+            # The gathered rollout is the whole model's: the single process's rollout of rank 0's sample
+            # (a batch of 1 in both; other thread counts may block the matmuls otherwise: float32 rounding).
+            torch.testing.assert_close(ranks[0]["rollout"], parity["rollout"], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, case=case: f"{tag}/{case} rollout: {m}")
         norms = [r["grad_norm"] for r in ranks]
         assert all(isinstance(n, float) for n in norms)
         assert norms[0] == norms[1], f"{tag}/{case}: ranks report different grad norms {norms}"
