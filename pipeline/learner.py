@@ -26,7 +26,6 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchvision.utils import make_grid
 
 from pipeline.checkpoint import TrainingState, load_training_checkpoint, save_training_checkpoint
 from pipeline.config import Config
@@ -369,6 +368,8 @@ class Learner:
     def log_image_grid(self, batch: StepBatch, step: int) -> None:
         """Rollout images of this rank's batch as one grid under the key ``rollouts`` at ``step``
         (MLflow's step slider), prompts printed under it and kept as ``rollouts/step_<step>.txt``."""
+        from torchvision.utils import make_grid  # torchvision imports torch._dynamo: seconds per Ray worker, here only
+
         images = self.adapter.decode(batch.x0, self.cfg.data.resolution)
         grid = make_grid(images.float().cpu(), nrow=min(4, len(batch.captions)), padding=2)
         self.tracker.log_step_image(_to_uint8(grid), "rollouts", step, batch.captions)

@@ -22,20 +22,31 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
 
 from pipeline.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name in a LoRA folder
 LORA_DIR = "lora"  # a LoRA run's adapter in its output.dir, beside the merged transformer/ export
 ADAPTER = "default"  # peft's adapter name; the module keys carry it (".lora_A.default.weight")
 LORA_PARTS = ("lora_A", "lora_B")
+
+
+def _peft():
+    """peft, imported on first use: it imports transformers (seconds of CPU per process), which the
+    processes that only unpickle a config or a Ray Data stage (Train's controller, Data's coordinators)
+    never need. A process that loads a diffusers model has imported it already (diffusers does)."""
+    import peft.tuners.tuners_utils
+    import peft.utils
+
+    return peft
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,7 @@ class LoraSpec:
 
     def peft_config(self, module_names: list[str]) -> LoraConfig:
         # init_lora_weights=True: A kaiming-uniform, B zero, so the adapted model starts as the base.
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+        return _peft().LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=list(module_names), init_lora_weights=True)
 
 
@@ -129,13 +140,16 @@ def add_lora(transformer: nn.Module, spec: LoraSpec, family, seed: int) -> list[
 
 
 def is_lora(module: nn.Module) -> bool:
-    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+    if "peft" not in sys.modules:  # no peft layer can exist before peft is imported
+        return False
+    return any(isinstance(m, _peft().tuners.tuners_utils.BaseTunerLayer) for m in module.modules())
 
 
 def peft_scaling(module: nn.Module) -> float:
     """The ``scaling`` peft gave the LoRA layers of ``module`` (one value: every layer has the same
     rank and alpha here)."""
-    values = {float(m.scaling[ADAPTER]) for m in module.modules() if isinstance(m, BaseTunerLayer)}
+    layer = _peft().tuners.tuners_utils.BaseTunerLayer
+    values = {float(m.scaling[ADAPTER]) for m in module.modules() if isinstance(m, layer)}
     if len(values) != 1:
         raise ValueError(f"expected one LoRA scaling for every adapted layer, found {sorted(values)}")
     return values.pop()
@@ -156,7 +170,7 @@ def adapter_state_dict(module: nn.Module, state: dict[str, Tensor] | None = None
     """The adapter in peft's keys (``<layer>.lora_A.weight``, ``<layer>.lora_B.weight``), as
     ``get_peft_model_state_dict`` gives them; ``state``: the module's (gathered) state to take them
     from instead of the module's own tensors (a sharded engine's consolidated copy)."""
-    return get_peft_model_state_dict(module, state_dict=state, adapter_name=ADAPTER)
+    return _peft().utils.get_peft_model_state_dict(module, state_dict=state, adapter_name=ADAPTER)
 
 
 def load_adapter_state(module: nn.Module, state: dict[str, Tensor]) -> None:
@@ -166,7 +180,7 @@ def load_adapter_state(module: nn.Module, state: dict[str, Tensor]) -> None:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         raise KeyError(f"LoRA adapter state: missing {missing[:5]}, unexpected {unexpected[:5]}; expected the "
                        "adapter of the same lora.rank and lora.target_modules")
-    result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
+    result = _peft().utils.set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
     if result.unexpected_keys:
         raise KeyError(f"LoRA adapter state: peft did not place {sorted(result.unexpected_keys)[:5]}")
 

@@ -12,11 +12,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
 from torch import Tensor
 
 from rewards.base import RewardCheckpointError, RewardModel, load_tensors_only
+
+# open_clip is imported where a model is made (as transformers in hf_clip.py): with torchvision and
+# torch._dynamo it costs seconds of CPU in every process that imports this module, and most of those
+# (Ray's controllers, rollout actors, the driver) never build a reward model.
+
+
+def _open_clip():
+    import open_clip
+
+    return open_clip
+
 
 EXPECTED_FILE = "the HPSv2.1 checkpoint HPS_v2.1_compressed.pt (a torch.save'd dict with a 'state_dict' of an open_clip model)"
 
@@ -26,7 +36,7 @@ def _resolve_arch(arch: str | Path) -> str:
     arch_str = str(arch)
     looks_like_file = arch_str.endswith(".json") or Path(arch_str).is_file()
     if not looks_like_file:
-        if arch_str not in open_clip.list_models():
+        if arch_str not in _open_clip().list_models():
             raise ValueError(
                 f"unknown open_clip architecture {arch_str!r}: give an open_clip model name "
                 f"(HPSv2.1 uses 'ViT-H-14') or a path to an open_clip model-config JSON file"
@@ -46,10 +56,10 @@ def _resolve_arch(arch: str | Path) -> str:
         raise ValueError(
             f"{path} is not an open_clip model config: expected keys 'embed_dim', 'vision_cfg', 'text_cfg'"
         )
-    open_clip.add_model_config(path)
+    _open_clip().add_model_config(path)
     # open_clip keys its registry by file stem; make sure ours is the config it will build (a later
     # registration of another file with the same stem would shadow it).
-    if open_clip.get_model_config(path.stem) != cfg:
+    if _open_clip().get_model_config(path.stem) != cfg:
         raise ValueError(f"open_clip registry entry {path.stem!r} does not match {path}; rename the file")
     return path.stem
 
@@ -107,7 +117,7 @@ def check_hps_checkpoint(checkpoint: str | Path, arch: str = "ViT-H-14") -> None
     arch_name = _resolve_arch(arch)
     state_dict = _extract_state_dict(load_tensors_only(path, EXPECTED_FILE, mmap=True), path)
     with _quiet_random_init_warning():
-        own = open_clip.create_model(arch_name, pretrained=None, device="meta").state_dict()
+        own = _open_clip().create_model(arch_name, pretrained=None, device="meta").state_dict()
     if set(own) != set(state_dict) or any(tuple(own[k].shape) != tuple(state_dict[k].shape) for k in own):
         raise RewardCheckpointError(_mismatch(path, arch_name, own, state_dict))
 
@@ -136,12 +146,12 @@ class HPSv2Reward(RewardModel):
         # weights_only: a checkpoint is data, never code; refuse arbitrary pickled objects.
         state_dict = _extract_state_dict(load_tensors_only(path, EXPECTED_FILE), path)
         with _quiet_random_init_warning():
-            model = open_clip.create_model(arch_name, pretrained=None, device="cpu")
+            model = _open_clip().create_model(arch_name, pretrained=None, device="cpu")
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:
             raise RewardCheckpointError(_mismatch(path, arch_name, model.state_dict(), state_dict)) from e
-        tokenizer = open_clip.get_tokenizer(arch_name)
+        tokenizer = _open_clip().get_tokenizer(arch_name)
         return cls(model, tokenizer, arch_name).to(device)
 
     def tokenize(self, texts: list[str]) -> Tensor:
