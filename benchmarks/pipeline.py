@@ -18,8 +18,9 @@ Measured per configuration, from what the Learner logs to MLflow (nothing is tim
       loop started, so it also holds data waits, logging and checkpoints); step 0 is warm-up;
     * samples/s = (N - 1) x global batch / loop time of steps 1..N-1, and its ratio to single's;
     * the median of each time/* metric over steps 1..N-1.
-Each configuration also records the host's load average before it starts: a busy host is reported,
-not hidden. On a 2-core CPU host the Ray figures measure orchestration overhead against one process
+Before each configuration the script waits (up to --settle-s) for the host's 1-minute load average
+to fall below --settle-load, so that the previous configuration's teardown does not slow the next
+one; the load average it started at is recorded: a busy host is reported, not hidden. On a 2-core CPU host the Ray figures measure orchestration overhead against one process
 doing the same work, not GPU scaling.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ import mlflow  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.checkpoint import write_json_atomic  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.ray.driver import connect_ray, run_ray  # noqa: E402
 from pipeline.runs import run_local  # noqa: E402
@@ -82,9 +84,19 @@ def series(result: dict[str, Any], key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(result["run_id"], key)}
 
 
-def measure(name: str, overrides: list[str], base: list[str], root: Path) -> dict[str, Any]:
+def settle(max_s: float, below: float) -> float:
+    """Wait until the 1-minute load average is below ``below`` (at most ``max_s``); seconds waited."""
+    t0 = time.perf_counter()
+    while os.getloadavg()[0] >= below and time.perf_counter() - t0 < max_s:
+        time.sleep(2.0)
+    return time.perf_counter() - t0
+
+
+def measure(name: str, overrides: list[str], base: list[str], root: Path, settle_s: float,
+            settle_load: float) -> dict[str, Any]:
     cfg = load_config(REPO / "configs/tiny.yaml", base + overrides + [
         f"output.dir={root / name}", f"log.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
+    waited = settle(settle_s, settle_load)
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     result = (run_local if cfg.learner.num_workers == 0 else run_ray)(cfg)
@@ -100,7 +112,7 @@ def measure(name: str, overrides: list[str], base: list[str], root: Path) -> dic
             medians[key] = statistics.median(values)
     return {"name": name, "overrides": overrides, "global_batch": gb, "steps": steps,
             "samples_per_s": (steps - 1) * gb / loop_s, "loop_s_steps_1_on": loop_s,
-            "median": medians, "run_total_s": total_s, "loadavg_before": load}
+            "median": medians, "run_total_s": total_s, "loadavg_before": load, "settle_wait_s": waited}
 
 
 def main() -> int:
@@ -109,6 +121,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     p.add_argument("--skip", action="append", default=[], help="configuration names to skip")
+    p.add_argument("--settle-s", type=float, default=120.0, help="longest wait for the host to go quiet")
+    p.add_argument("--settle-load", type=float, default=0.5, help="1-minute load average counted as quiet")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/pipeline.json"))
     args = p.parse_args()
     size, preset = PRESETS[args.preset]
@@ -120,7 +134,8 @@ def main() -> int:
     cores = os.cpu_count() or 1
     connect_ray(num_cpus=max(8, 4 * cores))
     root = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    runs = [measure(n, o, base, root) for n, o in configurations(cores).items() if n not in args.skip]
+    runs = [measure(n, o, base, root, args.settle_s, args.settle_load)
+            for n, o in configurations(cores).items() if n not in args.skip]
     ray.shutdown()
     single = next((r for r in runs if r["name"] == "single"), None)
     for r in runs:
@@ -128,11 +143,7 @@ def main() -> int:
     report = {"command": " ".join(sys.argv), "preset": args.preset, "base_overrides": base, "runs": runs,
               "host": {"cpus": cores, "machine": platform.machine(), "torch": torch.__version__,
                        "ray": ray.__version__, "torch_threads_driver": torch.get_num_threads()}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
+    write_json_atomic(args.out, report)
     print(json.dumps(report, indent=2))
     for r in runs:
         print(f"{r['name']:>20}: {r['samples_per_s']:.3f} samples/s  x{r['ratio_to_single'] or 0:.2f} of single  "

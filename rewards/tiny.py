@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import open_clip
 import torch
-from transformers import CLIPConfig, CLIPModel
 
 from rewards.aesthetic import AESTHETIC_FILE_NAME, AestheticMLP
-from rewards.hps import _quiet_random_init_warning, _resolve_arch
+from rewards.hps import _open_clip, _quiet_random_init_warning, _resolve_arch
 from rewards.tiny_tokenizers import build_clip_tokenizer
 
 # A ViT-H-14-shaped open_clip config (ViT vision tower, causal text transformer, the real CLIP vocab
@@ -42,7 +40,7 @@ def make_tiny_hps(out_dir: str | Path, seed: int = 0) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with _quiet_random_init_warning():  # random init is the point here
-            model = open_clip.create_model(arch_name, pretrained=None, device="cpu")
+            model = _open_clip().create_model(arch_name, pretrained=None, device="cpu")
     ckpt_path = out / TINY_HPS_CHECKPOINT_NAME
     # Same layout as the released file: {"state_dict": open_clip CLIP state dict}.
     state_dict = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
@@ -55,6 +53,8 @@ def make_tiny_hf_clip(out_dir: str | Path, seed: int = 0) -> Path:
 
     Serves as the tiny PickScore and the tiny CLIP (both are CLIPModel folders).
     """
+    from transformers import CLIPConfig, CLIPModel  # as in hf_clip.py: only where a model is made
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = CLIPConfig(
