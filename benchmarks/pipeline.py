@@ -20,8 +20,9 @@ Measured per configuration, from what the Learner logs to MLflow (nothing is tim
     * the median of each time/* metric over steps 1..N-1.
 Before each configuration the script waits (up to --settle-s) for the host's 1-minute load average
 to fall below --settle-load, so that the previous configuration's teardown does not slow the next
-one; the load average it started at is recorded: a busy host is reported, not hidden. On a 2-core CPU host the Ray figures measure orchestration overhead against one process
-doing the same work, not GPU scaling.
+one; the load average it started at is recorded: a busy host is reported, not hidden. On a 2-core
+CPU host the Ray figures measure orchestration overhead against one process doing the same work,
+not GPU scaling.
 """
 from __future__ import annotations
 

@@ -229,8 +229,9 @@ class LearnerConfig:
     # single: one unsharded worker (num_workers=1: the single-process engine under Ray Train)
     strategy: Literal["fsdp2", "deepspeed", "single"] = "fsdp2"
     zero_stage: int = 2  # deepspeed only: 2 or 3
-    # fsdp2 only: keep the blocks gathered through a step's forwards and backwards and reduce-scatter
-    # the branches' gradients once (fewer collectives; a whole model + gradient per rank in the step).
+    # fsdp2 only: keep the blocks gathered from the colocated rollout through the step's forwards and
+    # backwards, and reduce-scatter the branches' gradients once (one all-gather per step; a whole
+    # model + gradient per rank during the step).
     fsdp_keep_gathered: bool = False
     num_cpus: float = 1.0  # per learner worker
     use_gpu: bool = False

@@ -24,3 +24,44 @@ def test_ray_cluster_yaml():
     assert gpu_type["node_config"]["InstanceType"] == "p5.48xlarge"  # 8 x H100 per node
     workers = c["worker_start_ray_commands"]
     assert workers and all("RAY_AUTH_MODE=token" in cmd for cmd in workers)
+
+
+def test_local_cluster_runs_with_the_quiet_settings(ray_local):
+    """connect_ray's local cluster: the raylet was started with QUIET_LOCAL_CLUSTER in its environment
+    (what it reads at start), and Ray kept at most that many idle workers once idle (1 s after work)."""
+    import time
+
+    import ray
+    from ray._private import ray_constants
+
+    from pipeline.ray.driver import QUIET_LOCAL_CLUSTER
+
+    node = ray._private.worker._global_node
+    (raylet,) = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]
+    environ = Path(f"/proc/{raylet.process.pid}/environ").read_text().split("\0")
+    env = dict(kv.split("=", 1) for kv in environ if "=" in kv)
+    assert {k: env.get(k) for k in QUIET_LOCAL_CLUSTER} == QUIET_LOCAL_CLUSTER
+    assert QUIET_LOCAL_CLUSTER["RAY_num_workers_soft_limit"] == "1"
+    ray.get([ray.remote(lambda: 1).remote() for _ in range(4)])  # workers exist, then go idle
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        idle = [p for p in Path("/proc").iterdir()  # this cluster's: the raylet starts its workers
+                if p.name.isdigit() and _cmdline(p).startswith("ray::IDLE") and _ppid(p) == raylet.process.pid]
+        if len(idle) <= 1:
+            break
+        time.sleep(0.5)
+    assert len(idle) <= 1, f"{len(idle)} idle Ray workers (Ray's default keeps one per logical CPU: 8 here)"
+
+
+def _ppid(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
