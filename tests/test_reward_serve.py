@@ -50,10 +50,15 @@ FAST = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1.0, "u
 
 @pytest.fixture(scope="module")
 def serve_on(ray_local):
-    """Serve on the session's cluster (no proxies); shut down after this module."""
+    """Serve on the session's cluster (no proxies); shut down after this module, with the detached
+    deployer of shared services (it would idle at ~2% of a core through the rest of the session)."""
     start_serve()
     yield serve
     serve.shutdown()
+    try:
+        ray_local.kill(ray_local.get_actor("srpo-service-deployer", namespace="srpo"))
+    except ValueError:  # no shared service was deployed by this module's tests
+        pass
 
 
 def _replicas(app: str) -> dict[str, int]:
