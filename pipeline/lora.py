@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -86,7 +86,7 @@ class LoraSpec:
     def peft_config(self, module_names: list[str]) -> LoraConfig:
         # init_lora_weights=True: A kaiming-uniform, B zero, so the adapted model starts as the base.
         return _peft().LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=list(module_names), init_lora_weights=True)
+                                  target_modules=list(module_names), init_lora_weights=True)
 
 
 def record_of(cfg: Config) -> dict[str, Any] | None:

@@ -40,9 +40,9 @@ from pipeline.runs import check_resumable, close_run, log_image_scan, open_run
 
 
 # A local cluster's own background, which on a small host competes with the learner's threads: Ray
-# keeps one idle worker process per logical CPU (8 on 2 cores, each polling), and its log monitor
-# re-lists every log file 10 times a second while there are fewer than 1000. Measured on 2 cores, an
-# idle cluster after a Ray Data run: 0.18 cores by default, 0.14 with these
+# keeps up to one idle worker process per logical CPU (each polling), and its log monitor re-lists
+# every log file 10 times a second while there are fewer than 1000. Measured on 2 cores, an idle
+# cluster after a Ray Data run: 0.21 cores by default, 0.13 with these
 # (benchmarks/ray_background.py). Read by the raylet at start; a cluster joined through RAY_ADDRESS
 # keeps its own settings.
 QUIET_LOCAL_CLUSTER = {
