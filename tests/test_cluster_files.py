@@ -65,3 +65,38 @@ def _cmdline(proc: Path) -> str:
         return (proc / "cmdline").read_text().replace("\0", " ")
     except OSError:
         return ""
+
+
+def test_end_of_run_wait_asks_this_clusters_dashboard_not_the_last_ray_start(ray_local, monkeypatch):
+    """run_ray waits for Ray Train's placement-group cleaner through the state API of the cluster this
+    process joined (its loopback dashboard), by address. Left to auto-detect, the state API reads
+    /tmp/ray/ray_current_cluster (the last `ray start` on the machine, e.g. tests/test_ray_job.py's, long
+    gone) and retried that dead GCS for 40 s at the end of every run. Without a known dashboard it asks
+    nothing."""
+    import ray
+    import ray.dashboard.utils as dashboard_utils
+
+    import pipeline.ray.driver as driver
+
+    def auto_detect(*args, **kwargs):
+        raise AssertionError("the state API auto-detected a cluster")
+
+    asked, real = [], driver.list_actors
+
+    def spy(**kwargs):
+        try:
+            got = real(**kwargs)
+        except Exception as e:  # noqa: BLE001 - the driver swallows it; the test must not
+            got = e
+        asked.append((kwargs["address"], type(got).__name__))
+        return got
+
+    monkeypatch.setattr(dashboard_utils, "ray_address_to_api_server_url", auto_detect)
+    monkeypatch.setattr(driver, "list_actors", spy)
+    driver._wait_for_train_cleanup(timeout_s=30)
+    url = ray._private.worker.global_worker.node.address_info["webui_url"]
+    assert asked and set(asked) == {(f"http://{url}", "list")}  # answered (no cleaner alive: one query)
+    asked.clear()
+    monkeypatch.setitem(driver._DASHBOARD, "url", "")
+    driver._wait_for_train_cleanup(timeout_s=30)
+    assert asked == []

@@ -198,13 +198,15 @@ class Killer:
 
 
 def _processes(title: str) -> list[int]:
+    """Processes of this session's local cluster (descendants of this process: `make test` runs another
+    pytest worker with a cluster of its own beside this one) whose command line holds ``title``."""
     import psutil
 
     pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for p in psutil.Process().children(recursive=True):
         try:
-            if title in " ".join(p.info["cmdline"] or []):
-                pids.append(p.info["pid"])
+            if title in " ".join(p.cmdline()):
+                pids.append(p.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return pids
+    return sorted(pids)

@@ -52,6 +52,12 @@ QUIET_LOCAL_CLUSTER = {
 }
 
 
+# The dashboard (state API) of the cluster this process joined, as ray.init reported it ("" when it
+# has none). Asked by address: left to auto-detect, the state API reads /tmp/ray/ray_current_cluster,
+# which names the last `ray start` cluster on this machine (often long gone), and retries its GCS for 40 s.
+_DASHBOARD = {"url": ""}
+
+
 def connect_ray(num_cpus: int | None = None, runtime_env: dict[str, Any] | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`) or start a local one.
 
@@ -64,7 +70,8 @@ def connect_ray(num_cpus: int | None = None, runtime_env: dict[str, Any] | None 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=runtime_env)
+        ctx = ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=runtime_env)
+        _DASHBOARD["url"] = ctx.dashboard_url or ""
         return
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
@@ -83,9 +90,10 @@ def connect_ray(num_cpus: int | None = None, runtime_env: dict[str, Any] | None 
     previous = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
     try:
-        ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=True,
-                 dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
-                 runtime_env=_local_runtime_env(runtime_env))
+        ctx = ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=True,
+                       dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
+                       runtime_env=_local_runtime_env(runtime_env))
+        _DASHBOARD["url"] = ctx.dashboard_url or ""
     finally:
         if previous is None:
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)
@@ -216,11 +224,15 @@ def run_ray(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
 def _wait_for_train_cleanup(timeout_s: float = 10.0) -> None:
     """Ray Train's detached placement-group cleaner polls the state API about once a second until the
     controller stops it; a local cluster torn down under a poll prints a GCS traceback. Wait (briefly)
-    until it has gone."""
+    until it has gone. Only on a cluster whose dashboard this process knows (see _DASHBOARD)."""
+    if not _DASHBOARD["url"]:
+        return
+    address = _DASHBOARD["url"] if "://" in _DASHBOARD["url"] else f"http://{_DASHBOARD['url']}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            alive = list_actors(filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])
+            alive = list_actors(address=address, timeout=5,
+                                filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])
         except Exception:  # noqa: BLE001 - the state API is best effort here; nothing depends on it
             return
         if not alive:
