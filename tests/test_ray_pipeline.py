@@ -198,8 +198,8 @@ class Killer:
 
 
 def _processes(title: str) -> list[int]:
-    """Processes of this session's local cluster (descendants of this process: `make test` runs another
-    pytest worker with a cluster of its own beside this one) whose command line holds ``title``."""
+    """Processes of this session's local cluster (descendants of this process; another Ray cluster on the
+    machine, a user's run or another test session, is left alone) whose command line holds ``title``."""
     import psutil
 
     pids = []

@@ -52,8 +52,8 @@ QUIET_LOCAL_CLUSTER = {
 }
 
 
-# The dashboard (state API) of the cluster this process joined, as ray.init reported it ("" when it
-# has none). Asked by address: left to auto-detect, the state API reads /tmp/ray/ray_current_cluster,
+# The dashboard (state API) URL of the cluster this process joined, from ray.init ("" when it has
+# none). Asked by address: left to auto-detect, the state API reads /tmp/ray/ray_current_cluster,
 # which names the last `ray start` cluster on this machine (often long gone), and retries its GCS for 40 s.
 _DASHBOARD = {"url": ""}
 
@@ -70,8 +70,8 @@ def connect_ray(num_cpus: int | None = None, runtime_env: dict[str, Any] | None 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ctx = ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=runtime_env)
-        _DASHBOARD["url"] = ctx.dashboard_url or ""
+        _remember_dashboard(ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True,
+                                     runtime_env=runtime_env))
         return
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
@@ -93,10 +93,14 @@ def connect_ray(num_cpus: int | None = None, runtime_env: dict[str, Any] | None 
         ctx = ray.init(address="local", num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=True,
                        dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
                        runtime_env=_local_runtime_env(runtime_env))
-        _DASHBOARD["url"] = ctx.dashboard_url or ""
+        _remember_dashboard(ctx)
     finally:
         if previous is None:
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+
+
+def _remember_dashboard(ctx) -> None:
+    _DASHBOARD["url"] = f"http://{ctx.dashboard_url}" if ctx.dashboard_url else ""
 
 
 def _free_port() -> int:
@@ -225,9 +229,9 @@ def _wait_for_train_cleanup(timeout_s: float = 10.0) -> None:
     """Ray Train's detached placement-group cleaner polls the state API about once a second until the
     controller stops it; a local cluster torn down under a poll prints a GCS traceback. Wait (briefly)
     until it has gone. Only on a cluster whose dashboard this process knows (see _DASHBOARD)."""
-    if not _DASHBOARD["url"]:
+    address = _DASHBOARD["url"]
+    if not address:
         return
-    address = _DASHBOARD["url"] if "://" in _DASHBOARD["url"] else f"http://{_DASHBOARD['url']}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
