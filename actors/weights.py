@@ -233,8 +233,6 @@ class WeightBroadcaster:
     def __init__(self, store, state: dict[str, torch.Tensor], num_receivers: int, device: torch.device,
                  timeout_s: float = BROADCAST_TIMEOUT_S, host: str | None = None,
                  last_version: int | None = None) -> None:
-
-
         self.store = store
         self.device = device
         self.timeout_s = timeout_s
@@ -253,7 +251,7 @@ class WeightBroadcaster:
         prefix = f"srpo-weights/{uuid.uuid4().hex}"
         ray.get(store.open_broadcast.remote({
             "host": host, "port": int(self._tcp.port), "world_size": self.world, "prefix": prefix,
-            "backend": self.backend, "layout": self.layout}))
+            "backend": self.backend, "layout": self.layout, "last_version": last_version}))
         self._cond = threading.Condition()
         self._pending: int | None = None  # version waiting in self.buffer for the sender
         self._sending = False
@@ -311,8 +309,6 @@ class WeightBroadcaster:
             self._cond.notify_all()
 
     def _run(self, prefix: str) -> None:
-
-
         try:
             t0 = time.perf_counter()
             pg = _new_group(self.backend, dist.PrefixStore(prefix, self._tcp), 0, self.world, self.device,
@@ -395,15 +391,14 @@ class BroadcastSubscriber:
         return self._received
 
     def _run(self, info: dict[str, Any], timeout_s: float) -> None:
-
-
         try:
             tcp = dist.TCPStore(info["host"], int(info["port"]), int(info["world_size"]), False,
                                 timedelta(seconds=timeout_s))
             pg = _new_group(info["backend"], dist.PrefixStore(info["prefix"], tcp), self.rank,
                             int(info["world_size"]), self.device, timeout_s)
             header = torch.empty(1, dtype=torch.int64, device=self.device)
-            while True:
+            last = info.get("last_version")
+            while last is None or self._received < last:
                 # No timeout on the header: the learner may legitimately be slow between versions.
                 pg.broadcast([header], _bcast_opts(IDLE_TIMEOUT_S)).wait()
                 version = int(header.item())
@@ -415,6 +410,10 @@ class BroadcastSubscriber:
                 with self._cond:
                     self._ready, self._received, self.last_recv_s = incoming, version, dt
                     self._cond.notify_all()
+            # The learner broadcasts no version above `last` (no rollout needs one). Leaving now, rather
+            # than blocking in the next receive, lets the actor exit cleanly when Ray Data stops the pool:
+            # a thread blocked in a collective during interpreter shutdown aborts the process (SIGABRT).
+            raise EOFError(f"no version above {last} is broadcast in this run")
         except BaseException as e:  # noqa: BLE001 - surfaced by refresh
             with self._cond:
                 self._error = e
