@@ -16,14 +16,12 @@ step computed twice, skipped, or with the other run's gradients (the two runs' l
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import signal
 import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -31,7 +29,7 @@ from ray import serve
 
 from actors.reward import RewardWorker, start_reward_actors
 from actors.reward_serve import DEPLOYMENT, ServeReward, deploy_reward, start_serve
-from conftest import run_losses, run_weights
+from conftest import non_loopback_listeners, run_losses, run_weights
 from pipeline.config import ConfigError, RewardConfig, config_from_dict, reward_entries
 from pipeline.objective import ColocatedReward, WeightedRewards, reward_model_from_config
 from pipeline.ray.driver import run_ray
@@ -76,27 +74,6 @@ def _wait_for(what: str, cond, timeout: float = 600.0, every: float = 0.1):
             return got
         time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def _non_loopback_listeners() -> list[tuple[int, str, str, int]]:
-    """Listening sockets of this process and every process it started (the local cluster: GCS, raylet,
-    dashboard, workers, Serve controller and replicas) bound to anything but loopback."""
-    me = psutil.Process()
-    out = []
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            conns = proc.net_connections(kind="inet")
-            name = proc.name()
-        except psutil.Error:  # a process that exited meanwhile
-            continue
-        for c in conns:
-            if c.status != psutil.CONN_LISTEN:
-                continue
-            ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
-            mapped = getattr(ip, "ipv4_mapped", None)
-            if not (ip.is_loopback or (mapped is not None and mapped.is_loopback)):
-                out.append((proc.pid, name, c.laddr.ip, c.laddr.port))
-    return out
 
 
 # -------------------------------------------------------------------------------------- config
@@ -167,7 +144,7 @@ def test_serve_relay_gradients_equal_colocated_and_nothing_listens_outside_loopb
     assert owned and app == "srpo-grad-hpsv2"
     status = serve.status()
     assert status.proxies == {} and _replicas(app) == {"RUNNING": 1}
-    assert _non_loopback_listeners() == []
+    assert non_loopback_listeners() == []
     torch.manual_seed(0)
     tr = StepHarness(cfg)
     batch = _batch(tr)
