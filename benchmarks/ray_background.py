@@ -31,7 +31,7 @@ from pipeline.checkpoint import write_json_atomic  # noqa: E402
 from pipeline.ray.driver import QUIET_LOCAL_CLUSTER  # noqa: E402
 
 RAY_DEFAULTS = {"RAY_num_workers_soft_limit": "-1", "RAY_prestart_worker_first_driver": "1",
-                "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "1000"}
+                "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "1000", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
 assert set(RAY_DEFAULTS) == set(QUIET_LOCAL_CLUSTER), "keep the defaults beside the settings they undo"
 VARIANTS = {"ray-defaults": RAY_DEFAULTS, "srpo": {}}
 

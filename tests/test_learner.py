@@ -16,10 +16,12 @@ import json
 
 import pytest
 import torch
+from ray.util.state import list_actors
 
 from conftest import REPO, RESUME_COMMON, run_losses, run_weights, world_overrides
 from pipeline.checkpoint import find_checkpoints, read_run
 from pipeline.config import load_config
+from pipeline.ray import driver
 from pipeline.runs import run_local
 
 LR, WARMUP = 3e-3, 2
@@ -60,6 +62,11 @@ def test_ray_train_one_worker_equals_the_single_process(ray_local, tiny_world, t
     assert w1.keys() == w2.keys()
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=0, msg=name)
+    # The local cluster ran Ray Train without its preemption watcher (QUIET_LOCAL_CLUSTER): one helper
+    # process fewer, on a machine that is never drained.
+    actors = list_actors(address=driver._DASHBOARD["url"], limit=10_000, raise_on_missing_output=False)
+    classes = {a.class_name for a in actors}
+    assert "TrainController" in classes and "PreemptionWatcher" not in classes, classes
 
 
 def test_two_fsdp2_workers_equal_the_single_process_on_the_same_samples(fsdp2_reference_run, single_four_steps,

@@ -44,11 +44,14 @@ from pipeline.runs import check_resumable, close_run, log_image_scan, open_run
 # every log file 10 times a second while there are fewer than 1000. Measured on 2 cores, an idle
 # cluster after a Ray Data run: 0.21 cores by default, 0.13 with these
 # (benchmarks/ray_background.py). Read by the raylet at start; a cluster joined through RAY_ADDRESS
-# keeps its own settings.
+# keeps its own settings. Every Ray worker process also wakes its main thread 100 times a second,
+# which preempts the learner's threads (benchmarks/ray_wakeups.py), so a local cluster starts no
+# helper it cannot use: Ray Train's preemption watcher polls for node drains, which one machine never has.
 QUIET_LOCAL_CLUSTER = {
     "RAY_num_workers_soft_limit": "1",          # idle workers above 1 exit (they start again on demand)
     "RAY_prestart_worker_first_driver": "0",    # and none are started ahead of any task
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",  # re-list log files every 0.5 s, not every 0.1 s
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # no PreemptionWatcher actor per run
 }
 
 
