@@ -38,6 +38,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 from torch import Tensor
 
+from actors.priority import work_runtime_env
 from pipeline.config import Config, RewardConfig
 from pipeline.device import resolve_device
 from pipeline.models import load_adapter
@@ -124,7 +125,8 @@ def start_reward_actors(cfg: Config, entry: RewardConfig | None = None) -> list[
     """
     r = cfg.reward if entry is None else entry
     cls = ray.remote(RewardWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=r.resources or None,
-                                           max_restarts=-1, max_task_retries=-1, runtime_env=r.runtime_env or None)
+                                           max_restarts=-1, max_task_retries=-1,
+                                           runtime_env=work_runtime_env(r.runtime_env))
     kw = worker_kwargs(cfg, r)
     return [cls.remote(**kw) for _ in range(r.num_actors)]
 

@@ -38,6 +38,7 @@ from ray import cloudpickle, serve
 from ray.serve._private import replica as serve_replica
 from ray.serve.handle import DeploymentHandle
 
+from actors.priority import work_runtime_env
 from actors.reward import RemoteReward, RewardTicket, RewardWorker, worker_kwargs
 from pipeline.config import Config, ConfigError, RewardConfig, reward_name
 
@@ -134,11 +135,10 @@ def autoscaling_config(r: RewardConfig) -> dict[str, Any]:
 def reward_app(cfg: Config, r: RewardConfig, worker_cls: type = RewardWorker):
     """The bound Serve application of one training reward: autoscaling and per-replica resources from
     the config, and the reward's own runtime_env."""
-    actor_options: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+    actor_options: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus,
+                                     "runtime_env": work_runtime_env(r.runtime_env)}
     if r.resources:
         actor_options["resources"] = dict(r.resources)
-    if r.runtime_env:
-        actor_options["runtime_env"] = r.runtime_env
     deployment = serve.deployment(RewardReplica, name=DEPLOYMENT).options(
         max_ongoing_requests=r.max_ongoing_requests, autoscaling_config=autoscaling_config(r),
         ray_actor_options=actor_options, logging_config={"log_level": "WARNING", "enable_access_log": False})

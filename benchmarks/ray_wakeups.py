@@ -1,12 +1,13 @@
-"""What Ray's helper processes cost a CPU-bound learner beside them: wakeups, not CPU.
+"""What idle Ray helper processes cost a CPU-bound learner beside them.
 
     python benchmarks/ray_wakeups.py [--actors 10] [--pairs 2] [--out benchmarks/results/ray_wakeups.json]
 
 A Ray Train run on a local cluster starts about ten helper actors (Train: controller, synchronization,
 placement-group cleaner; Data: split coordinator, dataset manager, stats, autoscaling coordinator,
 actor-location tracker), each its own process. Each uses little CPU (benchmarks/ray_background.py),
-but the main thread of every Ray worker process wakes about 100 times a second, and on a small host
-each wakeup preempts one of the learner's threads; a parallel kernel then waits for the preempted one.
+and the main thread of every Ray worker process wakes about 100 times a second. This measures what
+such processes cost a learner at niceness 0 (the driver here; the work's niceness in every Ray
+process, actors/priority.py); it does not isolate why (docs/benchmarks.md).
 
 Measured here, in one run on a local cluster:
     * wakeups: voluntary context switches per second of each process's main thread and of all its

@@ -1,9 +1,11 @@
 """Shared fixtures: one tiny world per test session, written by the same code as `srpo make-tiny`."""
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
+import psutil
 import pytest
 
 # Nothing may reach a hub; keep logs readable.
@@ -79,10 +81,6 @@ def tiny_cfg(tiny_overrides):
 def non_loopback_listeners() -> list[tuple[int, str, str, int]]:
     """Listening sockets of this process and of every process it started (a local Ray cluster's
     processes are its children) bound to anything but loopback: (pid, name, address, port)."""
-    import ipaddress
-
-    import psutil
-
     me = psutil.Process()
     out = []
     for proc in [me, *me.children(recursive=True)]:
@@ -98,6 +96,33 @@ def non_loopback_listeners() -> list[tuple[int, str, str, int]]:
             if not (ip.is_loopback or (mapped is not None and mapped.is_loopback)):
                 out.append((proc.pid, name, c.laddr.ip, c.laddr.port))
     return out
+
+
+def cluster_processes(title: str) -> list[int]:
+    """Processes of this session's local cluster (descendants of this process; another Ray cluster on the
+    machine, a user's run or another test session, is left alone) whose command line holds ``title``."""
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if title in " ".join(p.cmdline()):
+                pids.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return sorted(pids)
+
+
+def thread_niceness(pids: list[int], main_only: bool = False) -> set[int]:
+    """The niceness values of every thread (or the main thread) of ``pids``: field 19 of
+    /proc/<pid>/task/<tid>/stat. A thread or process that ended while being read is skipped."""
+    stats = [Path(f"/proc/{pid}/stat") for pid in pids] if main_only else [
+        t / "stat" for pid in pids if Path(f"/proc/{pid}/task").is_dir() for t in Path(f"/proc/{pid}/task").iterdir()]
+    values = set()
+    for stat in stats:
+        try:
+            values.add(int(stat.read_text().rsplit(")", 1)[1].split()[16]))
+        except FileNotFoundError:
+            continue
+    return values
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cluster_processes, thread_niceness
 from pipeline.ray.driver import run_ray
 
 FULL = ("learner.num_workers=2", "learner.strategy=fsdp2", "rollout.placement=actors", "rollout.num_actors=2",
@@ -19,6 +20,8 @@ FULL = ("learner.num_workers=2", "learner.strategy=fsdp2", "rollout.placement=ac
         # whichever actor makes it and whenever, so a run's losses do not depend on actor timing.
         "rollout.max_staleness=0")
 STEPS = 6
+# Process titles of the work (learners, rollout and reward actors, the text-embedding stage).
+WORK_PROCESSES = ("RayTrainWorker", "RolloutStage", "RewardWorker", "TextEmbedStage")
 
 EXPECTED_METRICS = [  # docs/tracking.md (time/weight_broadcast_s: rollout.weight_sync=broadcast only)
     "loss", "grad_norm", "lr", "samples_per_s",
@@ -101,6 +104,9 @@ def test_end_to_end_with_killed_reward_and_rollout_actors(tiny_cfg, ray_local, t
     assert any(k.startswith("model.") for k in keys) and any(k.startswith("optim.state.") for k in keys)
 
     _assert_rollout_actor_restarted_and_used(killer, _provenance(client, run.info.run_id, tmp_path / "killed"))
+    # Every process doing the run's work ran every thread at niceness 0 (actors/priority.py), sampled
+    # while the run was alive; Ray's own helpers kept Ray's worker niceness 15 on their main thread.
+    assert killer.niceness == {**{title: {0} for title in WORK_PROCESSES}, "TrainController": {15}}, killer.niceness
 
     # The same config, uninterrupted: every step's numbers are equal, bit for bit.
     reference = run_ray(tiny_cfg(*FULL, f"train.max_steps={STEPS}", "log.image_every=2", "train.checkpoint_every=2",
@@ -163,6 +169,7 @@ class Killer:
         self.rollout_pids_at_kill: list[int] = []
         self.restarted_pid: int | None = None
         self.steps_logged_at_restart = -1
+        self.niceness: dict[str, set[int]] = {}
         threading.Thread(target=self._run, daemon=True).start()
 
     def _steps_logged(self, client) -> int:
@@ -181,15 +188,16 @@ class Killer:
             if len(self.killed) < 2:
                 done = self._steps_logged(client)
                 if done >= 2:
+                    self.niceness = self.niceness or _niceness()
                     for title in ("RewardWorker", "RolloutStage"):
-                        pids = _processes(title)
+                        pids = cluster_processes(title)
                         if pids and title not in self.killed:
                             if title == "RolloutStage":
                                 self.rollout_pids_at_kill, self.steps_logged_at_kill = pids, done
                             os.kill(pids[0], signal.SIGKILL)
                             self.killed[title] = pids[0]
             else:  # both killed: wait for the restarted rollout actor
-                new = set(_processes("RolloutStage")) - set(self.rollout_pids_at_kill)
+                new = set(cluster_processes("RolloutStage")) - set(self.rollout_pids_at_kill)
                 if new:
                     self.restarted_pid = min(new)
                     self.steps_logged_at_restart = self._steps_logged(client)
@@ -197,16 +205,9 @@ class Killer:
             time.sleep(0.5)
 
 
-def _processes(title: str) -> list[int]:
-    """Processes of this session's local cluster (descendants of this process; another Ray cluster on the
-    machine, a user's run or another test session, is left alone) whose command line holds ``title``."""
-    import psutil
-
-    pids = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if title in " ".join(p.cmdline()):
-                pids.append(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return sorted(pids)
+def _niceness() -> dict[str, set[int]]:
+    """Title -> the niceness of every thread of the work processes, and of the main thread of Ray
+    Train's controller."""
+    found = {title: thread_niceness(cluster_processes(title)) for title in WORK_PROCESSES}
+    found["TrainController"] = thread_niceness(cluster_processes("TrainController"), main_only=True)
+    return found

@@ -29,7 +29,7 @@ from ray import serve
 
 from actors.reward import RewardWorker, start_reward_actors
 from actors.reward_serve import DEPLOYMENT, ServeReward, deploy_reward, start_serve
-from conftest import non_loopback_listeners, run_losses, run_weights
+from conftest import cluster_processes, non_loopback_listeners, run_losses, run_weights, thread_niceness
 from pipeline.config import ConfigError, RewardConfig, config_from_dict, reward_entries
 from pipeline.objective import ColocatedReward, WeightedRewards, reward_model_from_config
 from pipeline.ray.driver import run_ray
@@ -145,6 +145,8 @@ def test_serve_relay_gradients_equal_colocated_and_nothing_listens_outside_loopb
     status = serve.status()
     assert status.proxies == {} and _replicas(app) == {"RUNNING": 1}
     assert non_loopback_listeners() == []
+    replicas = cluster_processes(f"ServeReplica:{app}")
+    assert len(replicas) == 1 and thread_niceness(replicas) == {0}  # the work's niceness (actors/priority.py)
     torch.manual_seed(0)
     tr = StepHarness(cfg)
     batch = _batch(tr)

@@ -27,6 +27,7 @@ from ray.train.torch import TorchTrainer
 from ray.util.state import list_actors
 
 from actors.learner import train_loop_per_worker
+from actors.priority import work_runtime_env
 from actors.reward import start_reward_actors
 from actors.reward_serve import delete_apps, deploy_reward, start_serve
 from actors.weights import WeightStore
@@ -44,8 +45,8 @@ from pipeline.runs import check_resumable, close_run, log_image_scan, open_run
 # every log file 10 times a second while there are fewer than 1000. Measured on 2 cores, an idle
 # cluster after a Ray Data run: 0.21 cores by default, 0.13 with these
 # (benchmarks/ray_background.py). Read by the raylet at start; a cluster joined through RAY_ADDRESS
-# keeps its own settings. Every Ray worker process also wakes its main thread 100 times a second,
-# which preempts the learner's threads (benchmarks/ray_wakeups.py), so a local cluster starts no
+# keeps its own settings. Every Ray worker process also wakes its main thread 100 times a second, and
+# idle helpers slow a learner beside them (benchmarks/ray_wakeups.py), so a local cluster starts no
 # helper it cannot use: Ray Train's preemption watcher polls for node drains, which one machine never has.
 QUIET_LOCAL_CLUSTER = {
     "RAY_num_workers_soft_limit": "1",          # idle workers above 1 exit (they start again on demand)
@@ -182,7 +183,8 @@ def _trainer(cfg: Config, loop_config: dict[str, Any], storage: str, ray_run_nam
                                      resources_per_worker={"CPU": cfg.learner.num_cpus}),
         run_config=RunConfig(name=ray_run_name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             worker_runtime_env=work_runtime_env()),
         datasets={"train": _dataset_factory(cfg, loop_config.get("store"), storage, ray_run_name, images)},
         dataset_config=DataConfig(execution_options=ingest_options()),
     )

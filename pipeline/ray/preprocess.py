@@ -21,6 +21,7 @@ from ray.data import ActorPoolStrategy, DataContext
 from ray.data.extensions import ArrowTensorArray
 from tqdm import tqdm
 
+from actors.priority import work_runtime_env
 from pipeline.config import Config, ConfigError
 from pipeline.embeddings import (FIELD, TMP_SUFFIX, Plan, PreprocessReport, contiguous_runs, finish_preprocess,
                                  part_files, part_name, plan_preprocess, read_meta, tensor_columns)
@@ -99,7 +100,8 @@ def encode_missing(cfg: Config, out_dir: Path, todo: Plan, batch_size: int, num_
         ds = ray.data.from_items(rows, override_num_blocks=min(n_batches, 256))
         ds = ds.map_batches(EmbedAndWrite, fn_constructor_args=(cfg.to_dict(), str(out_dir), shapes),
                             batch_size=batch_size, compute=ActorPoolStrategy(min_size=actors, max_size=actors),
-                            num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)
+                            num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
+                            runtime_env=work_runtime_env())
         bar = tqdm(total=len(rows), desc="encode prompts", unit="prompt", disable=not progress)
         for row in ds.iter_rows():
             parts += 1

@@ -27,6 +27,7 @@ import ray
 from ray.data import ActorPoolStrategy
 from ray.train import DataConfig
 
+from actors.priority import work_runtime_env
 from actors.rollout import RolloutStage
 from pipeline.config import Config
 from pipeline.sources import EmbeddingLookupStage, ImageEncodeStage, TextEmbedStage, image_rows, prompt_rows
@@ -51,14 +52,16 @@ def build_dataset(cfg: Config, store=None, start_step: int = 0, images: list | N
     if offline:
         ds = ds.map_batches(ImageEncodeStage, fn_constructor_args=(cfg_dict,), batch_size=b,
                             compute=ActorPoolStrategy(min_size=1, max_size=cfg.rollout.num_actors),
-                            num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)
+                            num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
+                            runtime_env=work_runtime_env())
     if cfg.data.prompt_embeddings and not offline:
         ds = ds.map_batches(EmbeddingLookupStage, fn_constructor_args=(cfg.data.prompt_embeddings,), batch_size=b,
-                            compute=ActorPoolStrategy(min_size=1, max_size=1), num_cpus=0)
+                            compute=ActorPoolStrategy(min_size=1, max_size=1), num_cpus=0,
+                            runtime_env=work_runtime_env())
     else:
         ds = ds.map_batches(TextEmbedStage, fn_constructor_args=(cfg_dict,), batch_size=b,
                             compute=ActorPoolStrategy(min_size=1, max_size=1), num_cpus=cfg.rollout.num_cpus,
-                            num_gpus=cfg.rollout.num_gpus)
+                            num_gpus=cfg.rollout.num_gpus, runtime_env=work_runtime_env())
     if offline:
         return ds
     if cfg.rollout.placement == "actors":
@@ -72,7 +75,8 @@ def build_dataset(cfg: Config, store=None, start_step: int = 0, images: list | N
                             # Restarts: Ray Data's actor pools restart a dead actor and retry its task
                             # without limit by default (max_restarts=-1, max_task_retries=-1), which the
                             # rollout-actor kill test relies on.
-                            num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)
+                            num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
+                            runtime_env=work_runtime_env())
     return ds
 
 
