@@ -7,8 +7,9 @@ a job's driver niceness 0 the same way this module does: ``RAY_worker_niceness``
 A learner or a reward worker is the work itself; at niceness 15 (weight 36 against 1024) it loses
 its core to any thread at 0 that wakes (the gRPC threads of Ray Train's and Ray Data's helper actors,
 started before Ray lowers the main thread), and a parallel torch kernel then waits for the preempted
-thread. Measured on 2 cores, small preset (benchmarks/results/pipeline.json): Ray Train with one
-worker went from 0.89x to 0.95x the single process. Ray's helpers keep their niceness 15.
+thread. Measured on 2 cores, small preset: Ray Train with one worker trained at 0.89x the single
+process's rate before (benchmarks/results/pipeline_niceness15.json) and 1.02x after (pipeline.json).
+Ray's helpers keep their niceness 15.
 """
 from __future__ import annotations
 

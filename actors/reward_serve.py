@@ -134,7 +134,7 @@ def autoscaling_config(r: RewardConfig) -> dict[str, Any]:
 
 def reward_app(cfg: Config, r: RewardConfig, worker_cls: type = RewardWorker):
     """The bound Serve application of one training reward: autoscaling and per-replica resources from
-    the config, and the reward's own runtime_env."""
+    the config, and the reward's own runtime_env with the work's niceness (actors/priority.py)."""
     actor_options: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus,
                                      "runtime_env": work_runtime_env(r.runtime_env)}
     if r.resources:
