@@ -20,7 +20,10 @@ def _free_port() -> int:
 
 def test_ray_job_submit_runs_the_training_job(tiny_overrides, tmp_path):
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               HF_HUB_OFFLINE="1", RAY_AUTH_MODE="token")  # token auth: head and client share ~/.ray/auth_token
+               HF_HUB_OFFLINE="1", RAY_AUTH_MODE="token",  # token auth: head and client share ~/.ray/auth_token
+               # On SIGTERM `ray start --block` first drains the node (for Serve upgrades on Kubernetes) and
+               # waits up to 30 s for it to go idle, which this throwaway head never does: 33 s of the test.
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     env.pop("RAY_ADDRESS", None)
     dash = _free_port()
     ports = {name: _free_port() for name in ("port", "dashboard-agent-listen-port",
