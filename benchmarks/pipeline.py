@@ -1,7 +1,7 @@
 """What the Ray path costs beside the single process: the same Learner, the same work, one run.
 
     python benchmarks/pipeline.py [--preset small|tiny] [--steps N] [--set key=value ...] [--skip NAME ...]
-                                  [--out benchmarks/results/pipeline.json]
+                                  [--rounds R] [--out benchmarks/results/pipeline.json]
 
 Configurations (the same global batch, colocated rollout and reward unless named otherwise):
     single          learner.num_workers=0: the Learner in this process (torch's default threads)
@@ -18,6 +18,9 @@ Measured per configuration, from what the Learner logs to MLflow (nothing is tim
       loop started, so it also holds data waits, logging and checkpoints); step 0 is warm-up;
     * samples/s = (N - 1) x global batch / loop time of steps 1..N-1, and its ratio to single's;
     * the median of each time/* metric over steps 1..N-1.
+With --rounds R every configuration runs R times, alternating (all configurations, then all again), and
+each run's ratio is taken against the single process of its own round; the summary gives the median
+ratio per configuration, so a slow spell of the host shows as a spread, not as one configuration's loss.
 Before each configuration the script waits (up to --settle-s) for the host's 1-minute load average
 to fall below --settle-load, so that the previous configuration's teardown does not slow the next
 one; the load average it started at is recorded: a busy host is reported, not hidden. On a 2-core
@@ -94,9 +97,9 @@ def settle(max_s: float, below: float) -> float:
 
 
 def measure(name: str, overrides: list[str], base: list[str], root: Path, settle_s: float,
-            settle_load: float) -> dict[str, Any]:
+            settle_load: float, round_: int = 0) -> dict[str, Any]:
     cfg = load_config(REPO / "configs/tiny.yaml", base + overrides + [
-        f"output.dir={root / name}", f"log.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
+        f"output.dir={root / f'{name}-{round_}'}", f"log.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
     waited = settle(settle_s, settle_load)
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -111,9 +114,30 @@ def measure(name: str, overrides: list[str], base: list[str], root: Path, settle
         values = [v for k, v in series(result, key).items() if k >= 1]
         if values:
             medians[key] = statistics.median(values)
-    return {"name": name, "overrides": overrides, "global_batch": gb, "steps": steps,
+    return {"name": name, "round": round_, "overrides": overrides, "global_batch": gb, "steps": steps,
             "samples_per_s": (steps - 1) * gb / loop_s, "loop_s_steps_1_on": loop_s,
             "median": medians, "run_total_s": total_s, "loadavg_before": load, "settle_wait_s": waited}
+
+
+def add_ratios(runs: list[dict[str, Any]]) -> None:
+    """Each run's samples/s against the single process's of the same round (None without one)."""
+    single = {r["round"]: r["samples_per_s"] for r in runs if r["name"] == "single"}
+    for r in runs:
+        r["ratio_to_single"] = r["samples_per_s"] / single[r["round"]] if r["round"] in single else None
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per configuration: its samples/s and its ratio to single in every round, and their medians."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        row = out.setdefault(r["name"], {"samples_per_s": [], "ratios": []})
+        row["samples_per_s"].append(r["samples_per_s"])
+        row["ratios"].append(r["ratio_to_single"])
+    for row in out.values():
+        row["samples_per_s_median"] = statistics.median(row["samples_per_s"])
+        known = [x for x in row["ratios"] if x is not None]
+        row["ratio_to_single_median"] = statistics.median(known) if known else None
+    return out
 
 
 def main() -> int:
@@ -124,6 +148,8 @@ def main() -> int:
     p.add_argument("--skip", action="append", default=[], help="configuration names to skip")
     p.add_argument("--settle-s", type=float, default=120.0, help="longest wait for the host to go quiet")
     p.add_argument("--settle-load", type=float, default=0.5, help="1-minute load average counted as quiet")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration this many times, alternating: round 1 runs all, then round 2 ...")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/pipeline.json"))
     args = p.parse_args()
     size, preset = PRESETS[args.preset]
@@ -135,20 +161,24 @@ def main() -> int:
     cores = os.cpu_count() or 1
     connect_ray(num_cpus=max(8, 4 * cores))
     root = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    runs = [measure(n, o, base, root, args.settle_s, args.settle_load)
+    runs = [measure(n, o, base, root, args.settle_s, args.settle_load, i) for i in range(args.rounds)
             for n, o in configurations(cores).items() if n not in args.skip]
     ray.shutdown()
-    single = next((r for r in runs if r["name"] == "single"), None)
-    for r in runs:
-        r["ratio_to_single"] = r["samples_per_s"] / single["samples_per_s"] if single else None
+    add_ratios(runs)
     report = {"command": " ".join(sys.argv), "preset": args.preset, "base_overrides": base, "runs": runs,
+              "summary": summary(runs),
               "host": {"cpus": cores, "machine": platform.machine(), "torch": torch.__version__,
                        "ray": ray.__version__, "torch_threads_driver": torch.get_num_threads()}}
     write_json_atomic(args.out, report)
     print(json.dumps(report, indent=2))
     for r in runs:
-        print(f"{r['name']:>20}: {r['samples_per_s']:.3f} samples/s  x{r['ratio_to_single'] or 0:.2f} of single  "
-              f"step {r['median'].get('time/step_wall_s', float('nan')):.2f}s  (load before {r['loadavg_before']:.1f})")
+        step_s = r["median"].get("time/step_wall_s", float("nan"))
+        ratio = r["ratio_to_single"] or 0
+        print(f"{r['name']:>20} round {r['round']}: {r['samples_per_s']:.3f} samples/s  x{ratio:.2f} of single  "
+              f"step {step_s:.2f}s  (load before {r['loadavg_before']:.1f})")
+    for name, row in report["summary"].items():
+        rounds = len(row["ratios"])
+        print(f"{name:>20}: median x{row['ratio_to_single_median'] or 0:.2f} of single over {rounds} round(s)")
     return 0
 
 
