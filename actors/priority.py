@@ -2,14 +2,12 @@
 
 Ray starts every worker process at niceness 15 (its ``worker_niceness``), so that its control plane
 (raylet, GCS, dashboard) wins the CPU under load, and every thread a worker starts after that, Ray
-Train's training thread and torch's intra-op threads included, inherits it. Ray's job supervisor gives
-a job's driver niceness 0 the same way this module does: ``RAY_worker_niceness`` in the runtime_env.
-A learner or a reward worker is the work itself; at niceness 15 (weight 36 against 1024) it loses
-its core to any thread at 0 that wakes (the gRPC threads of Ray Train's and Ray Data's helper actors,
-started before Ray lowers the main thread), and a parallel torch kernel then waits for the preempted
-thread. Measured on 2 cores, small preset: Ray Train with one worker trained at 0.89x the single
-process's rate before (benchmarks/results/pipeline_niceness15.json) and 1.02x after (pipeline.json).
-Ray's helpers keep their niceness 15.
+Train's training thread and torch's intra-op threads included, inherits it. The single-process
+learner runs in the driver at niceness 0; so that the Learner runs at the same priority in every
+placement, the work's processes start with ``RAY_worker_niceness=0`` in their runtime_env, the way
+Ray's job supervisor starts a job's driver. Ray's helpers keep their niceness 15. Measured in
+alternation on 2 cores (benchmarks/ray_niceness.py), it changes neither the step time nor how often
+the learner's threads are preempted beyond the host's drift: parity, not speed (docs/benchmarks.md).
 """
 from __future__ import annotations
 
