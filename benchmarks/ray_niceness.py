@@ -68,6 +68,8 @@ def preemption(pid_of, start_s: float, window_s: float) -> dict[str, Any]:
     pid = None
     while pid is None or time.monotonic() < deadline:
         pid = pid_of() or pid
+        if pid is None and time.monotonic() > deadline + 300:  # never hang on a process that did not start
+            raise RuntimeError(f"no learner process found within {start_s + 300:.0f} s")
         time.sleep(0.5)
     before = thread_sample(pid)
     time.sleep(window_s)
